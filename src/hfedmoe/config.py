@@ -1,0 +1,249 @@
+"""Run configuration: typed, frozen, parsed once, validated by raising.
+
+This module is the ONLY parser of run configuration. Every entry point (the CLI, the
+ServerApp under `flwr run`, tests) turns a flat mapping of hyphenated, dotted keys
+(``"model.name"``, ``"num-server-rounds"``) into a :class:`RunConfig` with
+:func:`parse_run_config`. Defaults live in ``defaults.toml`` beside this file.
+
+Validation never "fixes" a value: a bad value raises :class:`ConfigError` whose message
+names the key, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Mapping
+
+Scalar = bool | int | float | str
+
+METHODS = ("fedavg",)
+DATA_SOURCES = ("bbc-news", "file", "hf")
+PARTITIONERS = ("iid", "dirichlet", "pathological")
+TRAINABLE_NON_EXPERT = ("head", "all")
+RUNTIMES = ("ray", "inprocess")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line naming key and value."""
+
+
+def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, Scalar]:
+    flat: dict[str, Scalar] = {}
+    for key, value in table.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def default_flat_config() -> dict[str, Scalar]:
+    """The defaults of every key, flat (``{"model.name": "minilm-moe", ...}``)."""
+    text = resources.files("hfedmoe").joinpath("defaults.toml").read_text(encoding="utf-8")
+    return _flatten(tomllib.loads(text))
+
+
+def load_config_file(path: str | Path) -> dict[str, Scalar]:
+    """Read an experiment TOML file (tables allowed) into a flat mapping."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"config file '{file}' does not exist")
+    try:
+        table = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file '{file}' is not valid TOML: {exc}") from exc
+    # A file may be a pyproject-style app config; accept [tool.flwr.app.config] too.
+    table = table.get("tool", {}).get("flwr", {}).get("app", {}).get("config", table)
+    return _flatten(table)
+
+
+def parse_assignment(text: str) -> tuple[str, Scalar]:
+    """Parse one ``key=value`` override; the value is read as a TOML literal if it is one."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' is not of the form key=value")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw  # a bare word such as fedavg or a path
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"override '{key}': lists and tables are not allowed; use a string")
+    return key, value
+
+
+def merge_flat(defaults: Mapping[str, Scalar], *layers: Mapping[str, Scalar]) -> dict[str, Scalar]:
+    """Overlay ``layers`` on ``defaults``; unknown keys are rejected with a suggestion.
+
+    Values are coerced to the type of the default (int -> float allowed, strings from a
+    command line converted with the same rules); a mismatch raises ConfigError.
+    """
+    merged = dict(defaults)
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in defaults:
+                hint = difflib.get_close_matches(key, list(defaults), n=1)
+                suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
+                raise ConfigError(f"unknown config key '{key}'{suggestion}")
+            merged[key] = _coerce(key, value, defaults[key])
+    return merged
+
+
+def _coerce(key: str, value: Scalar, default: Scalar) -> Scalar:
+    expected = type(default)
+    if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
+        return value
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    raise ConfigError(
+        f"config key '{key}' = {value!r}: expected a {expected.__name__}"
+    )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    num_experts: int
+    top_k: int
+    max_length: int
+    trainable_non_expert: str
+    aux_loss_coef: float
+    device: str
+    dropout: float
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name), "model.name", self.name, "a model name or path")
+        _require(self.num_experts >= 1, "model.num-experts", self.num_experts, "an integer >= 1")
+        _require(1 <= self.top_k <= self.num_experts, "model.top-k", self.top_k,
+                 f"an integer in [1, model.num-experts={self.num_experts}]")
+        _require(self.max_length >= 8, "model.max-length", self.max_length, "an integer >= 8")
+        _choice("model.trainable-non-expert", self.trainable_non_expert, TRAINABLE_NON_EXPERT)
+        _require(self.aux_loss_coef >= 0, "model.aux-loss-coef", self.aux_loss_coef, "a number >= 0")
+        _require(self.device == "cpu" or self.device.startswith("cuda"), "model.device",
+                 self.device, "'cpu', 'cuda' or 'cuda:N'")
+        _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str
+    path: str
+    hf_name: str
+    text_field: str
+    label_field: str
+    test_fraction: float
+    num_clients: int
+    partition: str
+    dirichlet_alpha: float
+    classes_per_client: int
+    min_partition_size: int
+
+    def __post_init__(self) -> None:
+        _choice("data.source", self.source, DATA_SOURCES)
+        if self.source == "file":
+            _require(bool(self.path), "data.path", self.path, "a .jsonl or .csv file when data.source = 'file'")
+        if self.source == "hf":
+            _require(bool(self.hf_name), "data.hf-name", self.hf_name, "a dataset name when data.source = 'hf'")
+        _require(0 < self.test_fraction < 1, "data.test-fraction", self.test_fraction, "a number in (0, 1)")
+        _require(self.num_clients >= 1, "data.num-clients", self.num_clients, "an integer >= 1")
+        _choice("data.partition", self.partition, PARTITIONERS)
+        _require(self.dirichlet_alpha > 0, "data.dirichlet-alpha", self.dirichlet_alpha, "a number > 0")
+        _require(self.classes_per_client >= 1, "data.classes-per-client", self.classes_per_client,
+                 "an integer >= 1")
+        _require(self.min_partition_size >= 0, "data.min-partition-size", self.min_partition_size,
+                 "an integer >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    local_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    fraction_train: float
+    eval_batch_size: int
+
+    def __post_init__(self) -> None:
+        _require(self.local_steps >= 1, "train.local-steps", self.local_steps, "an integer >= 1")
+        _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
+        _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "a number >= 0")
+        _require(0 < self.fraction_train <= 1, "train.fraction-train", self.fraction_train,
+                 "a number in (0, 1]")
+        _require(self.eval_batch_size >= 1, "train.eval-batch-size", self.eval_batch_size,
+                 "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    runtime: str
+    client_cpus: int
+
+    def __post_init__(self) -> None:
+        _choice("simulation.runtime", self.runtime, RUNTIMES)
+        _require(self.client_cpus >= 1, "simulation.client-cpus", self.client_cpus, "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    method: str
+    num_server_rounds: int
+    seed: int
+    out: str
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    simulation: SimulationConfig
+
+    def __post_init__(self) -> None:
+        _choice("method", self.method, METHODS)
+        _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds,
+                 "an integer >= 1")
+        _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+
+    def to_flat(self) -> dict[str, Scalar]:
+        """The flat, hyphenated form (inverse of :func:`parse_run_config`)."""
+        flat: dict[str, Scalar] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if dataclasses.is_dataclass(value):
+                for sub in dataclasses.fields(value):
+                    flat[f"{field.name}.{_key(sub.name)}"] = getattr(value, sub.name)
+            else:
+                flat[_key(field.name)] = value
+        return flat
+
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
+             "simulation": SimulationConfig}
+
+
+def parse_run_config(*layers: Mapping[str, Scalar]) -> RunConfig:
+    """Defaults overlaid with ``layers`` (later wins) -> validated :class:`RunConfig`."""
+    flat = merge_flat(default_flat_config(), *layers)
+    sections = {
+        name: cls(**{f.name: flat[f"{name}.{_key(f.name)}"] for f in dataclasses.fields(cls)})
+        for name, cls in _SECTIONS.items()
+    }
+    top = {f.name: flat[_key(f.name)] for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS}
+    return RunConfig(**top, **sections)
+
+
+def _key(field_name: str) -> str:
+    return field_name.replace("_", "-")
+
+
+def _require(ok: bool, key: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected {allowed}")
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, key, value, "one of " + ", ".join(repr(a) for a in allowed))
