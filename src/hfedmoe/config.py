@@ -28,6 +28,9 @@ TRAINABLE_NON_EXPERT = ("head", "all")
 RUNTIMES = ("ray", "inprocess")
 
 
+_TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line naming key and value."""
 
@@ -103,7 +106,7 @@ def _coerce(key: str, value: Scalar, default: Scalar) -> Scalar:
     if expected is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     raise ConfigError(
-        f"config key '{key}' = {value!r}: expected a {expected.__name__}"
+        f"config key '{key}' = {value!r}: expected {_TYPE_NAMES[expected]}"
     )
 
 

@@ -1,0 +1,29 @@
+"""The data layer: corpora with a fixed split, client partitions, tokenisation, batches."""
+
+from hfedmoe.data.corpora import Corpus, DataError, TextDataset, load_corpus
+from hfedmoe.data.partition import (
+    client_train_set,
+    dirichlet_partition,
+    iid_partition,
+    label_histogram,
+    partition_indices,
+    pathological_partition,
+)
+from hfedmoe.data.tokenize import TokenizedSet, batches, eval_batches, tokenize
+
+__all__ = [
+    "Corpus",
+    "DataError",
+    "TextDataset",
+    "TokenizedSet",
+    "batches",
+    "client_train_set",
+    "dirichlet_partition",
+    "eval_batches",
+    "iid_partition",
+    "label_histogram",
+    "load_corpus",
+    "partition_indices",
+    "pathological_partition",
+    "tokenize",
+]

@@ -1,0 +1,137 @@
+"""Non-IID partitions of the TRAIN split across clients (flwr-datasets partitioners).
+
+Every partitioner returns, for each client ``0..K-1``, a list of indices into the train
+split. Contract: the partitions are disjoint, cover every train example (no loss, no
+duplication), none is empty, and they are a pure function of (labels, config, seed) — every
+client process recomputes the same partitions and keeps its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from typing import Callable, Sequence
+
+import datasets
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    PathologicalPartitioner,
+    Partitioner,
+)
+
+from hfedmoe.config import DataConfig
+from hfedmoe.data.corpora import Corpus, DataError, TextDataset
+
+_LABEL = "label"
+_INDEX = "index"
+
+
+def partition_indices(labels: Sequence[int], cfg: DataConfig, seed: int) -> list[list[int]]:
+    """Indices of each client's examples, by ``cfg.partition`` (iid | dirichlet | pathological)."""
+    partitioners: dict[str, Callable[[], list[list[int]]]] = {
+        "iid": lambda: iid_partition(labels, cfg.num_clients, seed),
+        "dirichlet": lambda: dirichlet_partition(labels, cfg.num_clients, cfg.dirichlet_alpha,
+                                                 cfg.min_partition_size, seed),
+        "pathological": lambda: pathological_partition(labels, cfg.num_clients,
+                                                       cfg.classes_per_client, seed),
+    }
+    if cfg.partition not in partitioners:
+        raise DataError(f"unknown partition {cfg.partition!r}; expected one of {sorted(partitioners)}")
+    return partitioners[cfg.partition]()
+
+
+def client_train_set(corpus: Corpus, cfg: DataConfig, seed: int, partition_id: int) -> TextDataset:
+    """Client ``partition_id``'s share of ``corpus.train``."""
+    if not 0 <= partition_id < cfg.num_clients:
+        raise DataError(f"partition id {partition_id} is out of range for "
+                        f"data.num-clients = {cfg.num_clients}")
+    return corpus.train.subset(partition_indices(corpus.train.labels, cfg, seed)[partition_id])
+
+
+def label_histogram(dataset: TextDataset) -> list[int]:
+    """Examples per class id, ``len(dataset.label_names)`` entries."""
+    counts = Counter(dataset.labels)
+    return [counts[label] for label in range(len(dataset.label_names))]
+
+
+def iid_partition(labels: Sequence[int], num_clients: int, seed: int) -> list[list[int]]:
+    """A seeded shuffle cut into ``num_clients`` contiguous shards (sizes differ by <= 1)."""
+    _check_counts(labels, num_clients)
+    table = _table(labels).shuffle(seed=seed)
+    return _run(IidPartitioner(num_partitions=num_clients), table, num_clients)
+
+
+def dirichlet_partition(labels: Sequence[int], num_clients: int, alpha: float,
+                        min_partition_size: int, seed: int) -> list[list[int]]:
+    """Per class, client shares drawn from Dir(alpha); redrawn (<= 10 times) until every
+    client holds >= ``min_partition_size`` examples. Smaller alpha = more skewed."""
+    if not alpha > 0:
+        raise DataError(f"Dirichlet alpha = {alpha!r} is invalid: expected a number > 0")
+    _check_counts(labels, num_clients)
+    partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by=_LABEL,
+                                       alpha=float(alpha), min_partition_size=min_partition_size,
+                                       self_balancing=False, shuffle=True, seed=seed)
+    try:
+        return _run(partitioner, _table(labels), num_clients)
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"no Dirichlet(alpha={alpha}) draw gave all {num_clients} clients >= "
+                        f"{min_partition_size} examples in 11 tries; raise data.dirichlet-alpha "
+                        "or lower data.min-partition-size or data.num-clients") from exc
+
+
+def pathological_partition(labels: Sequence[int], num_clients: int, classes_per_client: int,
+                           seed: int) -> list[list[int]]:
+    """Each client holds exactly ``classes_per_client`` classes; client k's first class is
+    ``k mod C``, the rest are drawn with ``seed`` ("first-deterministic", Li et al. 2022).
+
+    Raises if some class ends up on no client (possible when clients < classes).
+    """
+    _check_counts(labels, num_clients)
+    classes = sorted(set(labels))
+    if not 1 <= classes_per_client <= len(classes):
+        raise DataError(f"classes per client = {classes_per_client} is invalid: the training "
+                        f"data has {len(classes)} classes")
+    partitioner = PathologicalPartitioner(
+        num_partitions=num_clients, partition_by=_LABEL, num_classes_per_partition=classes_per_client,
+        class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
+    try:
+        parts = _run(partitioner, _table(labels), num_clients)
+    except ValueError as exc:
+        if isinstance(exc, DataError):
+            raise
+        raise DataError(f"pathological partition impossible: {' '.join(str(exc).split())}") from exc
+    covered = {labels[i] for part in parts for i in part}
+    if len(covered) < len(classes):
+        missing = sorted(set(classes) - covered)
+        raise DataError(f"pathological partition leaves classes {missing} on no client; use "
+                        "data.num-clients >= the number of classes or more classes per client")
+    return parts
+
+
+def _check_counts(labels: Sequence[int], num_clients: int) -> None:
+    if num_clients < 1:
+        raise DataError(f"number of clients = {num_clients} is invalid: expected >= 1")
+    if num_clients > len(labels):
+        raise DataError(f"{num_clients} clients but only {len(labels)} training examples; "
+                        "lower data.num-clients")
+
+
+def _table(labels: Sequence[int]) -> datasets.Dataset:
+    """(label, index) rows: the partitioner sees labels, we read back original indices."""
+    return datasets.Dataset.from_dict({_LABEL: [int(y) for y in labels],
+                                       _INDEX: list(range(len(labels)))})
+
+
+def _run(partitioner: Partitioner, table: datasets.Dataset, num_clients: int) -> list[list[int]]:
+    partitioner.dataset = table
+    with warnings.catch_warnings():  # redraw / unused-class warnings: we raise instead
+        warnings.simplefilter("ignore", UserWarning)
+        parts = [list(partitioner.load_partition(k)[_INDEX]) for k in range(num_clients)]
+    empty = [k for k, part in enumerate(parts) if not part]
+    if empty:
+        raise DataError(f"client {empty[0]} got an empty partition ({len(empty)} empty of "
+                        f"{num_clients}); lower data.num-clients or raise data.min-partition-size")
+    return parts

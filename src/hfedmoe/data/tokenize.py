@@ -1,0 +1,100 @@
+"""Tokenisation and mini-batches.
+
+A :class:`TokenizedSet` is padded to its longest text (after truncation); every batch is
+trimmed to the span of columns that hold a real token in some row of the batch, so short
+batches cost less CPU and no non-padding token is ever dropped (left or right padding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+from hfedmoe.data.corpora import DataError, TextDataset
+
+Batch = dict[str, torch.Tensor]  # input_ids (B, T), attention_mask (B, T), labels (B,); int64
+
+
+@dataclass(frozen=True, eq=False)
+class TokenizedSet:
+    """Token ids and labels of N texts, padded to a common length T."""
+
+    input_ids: torch.Tensor       # (N, T) int64
+    attention_mask: torch.Tensor  # (N, T) int64, 1 = token, 0 = padding
+    labels: torch.Tensor          # (N,) int64 class ids
+
+    def __post_init__(self) -> None:
+        if self.input_ids.ndim != 2 or self.attention_mask.shape != self.input_ids.shape:
+            raise DataError(f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
+                            f"{tuple(self.attention_mask.shape)} must share a shape (N, T)")
+        if self.labels.shape != (self.input_ids.shape[0],):
+            raise DataError(f"labels {tuple(self.labels.shape)} must have shape "
+                            f"({self.input_ids.shape[0]},)")
+        for name in ("input_ids", "attention_mask", "labels"):
+            if getattr(self, name).dtype != torch.int64:
+                raise DataError(f"{name} must be int64, got {getattr(self, name).dtype}")
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def tokenize(dataset: TextDataset, tokenizer: Any, max_length: int) -> TokenizedSet:
+    """Tokenize every text (truncated to ``max_length`` tokens, padded to the longest).
+
+    ``tokenizer`` is a Hugging Face tokenizer with a pad token; its padding side is kept.
+    """
+    if max_length < 1:
+        raise DataError(f"max_length = {max_length} is invalid: expected an integer >= 1")
+    if len(dataset) == 0:
+        raise DataError("cannot tokenize an empty dataset")
+    if tokenizer.pad_token_id is None:
+        raise DataError(f"tokenizer {type(tokenizer).__name__} has no pad token; set one first")
+    encoded = tokenizer(list(dataset.texts), padding="longest", truncation=True,
+                        max_length=max_length, return_tensors="pt", return_token_type_ids=False)
+    return TokenizedSet(input_ids=encoded["input_ids"].to(torch.int64),
+                        attention_mask=encoded["attention_mask"].to(torch.int64),
+                        labels=torch.tensor(dataset.labels, dtype=torch.int64))
+
+
+def batches(tokenized: TokenizedSet, batch_size: int, generator: torch.Generator) -> Iterator[Batch]:
+    """Shuffled, trimmed mini-batches forever.
+
+    Each epoch is a fresh permutation drawn from ``generator`` cut into batches of
+    ``batch_size`` (the last one of an epoch may be smaller), so every epoch visits every
+    example exactly once.
+    """
+    _check(tokenized, batch_size)
+
+    def stream() -> Iterator[Batch]:
+        while True:
+            order = torch.randperm(len(tokenized), generator=generator)
+            for start in range(0, len(tokenized), batch_size):
+                yield _batch(tokenized, order[start:start + batch_size])
+
+    return stream()
+
+
+def eval_batches(tokenized: TokenizedSet, batch_size: int) -> Iterator[Batch]:
+    """One pass in order, trimmed batches of ``batch_size`` (the last may be smaller)."""
+    _check(tokenized, batch_size)
+    rows = torch.arange(len(tokenized))
+    return (_batch(tokenized, rows[start:start + batch_size])
+            for start in range(0, len(tokenized), batch_size))
+
+
+def _check(tokenized: TokenizedSet, batch_size: int) -> None:
+    if batch_size < 1:
+        raise DataError(f"batch_size = {batch_size} is invalid: expected an integer >= 1")
+    if len(tokenized) == 0:
+        raise DataError("cannot batch an empty tokenized set")
+
+
+def _batch(tokenized: TokenizedSet, rows: torch.Tensor) -> Batch:
+    mask = tokenized.attention_mask[rows]  # (B, T)
+    columns = mask.any(dim=0).nonzero().flatten()
+    first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, 1)
+    return {"input_ids": tokenized.input_ids[rows, first:last],
+            "attention_mask": mask[:, first:last],
+            "labels": tokenized.labels[rows]}

@@ -1,0 +1,88 @@
+"""Per-round bookkeeping on the server: joins training replies and evaluation into one record.
+
+The strategy reports a round's training (``train_finished``); the centralised evaluation
+then completes it (``evaluated``), and the record goes to metrics.jsonl and the display.
+Round 0 is the evaluation of the initial model.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Mapping, Protocol, Sequence
+
+from hfedmoe.aggregation import ClientUpdate
+
+
+class RecordSink(Protocol):
+    def record_round(self, record: dict) -> None: ...
+
+
+class Display(Protocol):
+    def round_started(self, server_round: int) -> None: ...
+    def round_finished(self, record: dict) -> None: ...
+
+
+def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int) -> dict:
+    m = update.metrics
+    return {
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "client_id": update.client_id,
+        "num_examples": update.num_examples,
+        "train_loss": m["train-loss"],
+        "budget_experts": int(m["budget-experts"]),
+        "max_active_experts_per_batch": int(m["max-active-experts-per-batch"]),
+        "peak_memory_bytes": int(m["peak-memory-bytes"]),
+        "mean_step_seconds": m["mean-step-seconds"],
+        "uploaded_tensors": len(update.state),
+    }
+
+
+class RoundBook:
+    def __init__(self, sink: RecordSink, display: Display) -> None:
+        self._sink, self._display = sink, display
+        self._started = time.perf_counter()
+        self._round_start = self._started
+        self._pending: dict = {}
+
+    def round_started(self, server_round: int, num_sampled: int) -> None:
+        self._round_start = time.perf_counter()
+        self._display.round_started(server_round)
+        self._pending = {"sampled": num_sampled}
+
+    def train_finished(self, server_round: int, updates: Sequence[ClientUpdate],
+                       failures: list[dict], traffic: Mapping[int, tuple[int, int]],
+                       bytes_down: int) -> None:
+        """``traffic``: client id -> (bytes uploaded, bytes sent to it); ``bytes_down`` also
+        counts clients that failed (what was sent to them was spent)."""
+        weights = sum(u.num_examples for u in updates)
+        train_loss = (sum(u.metrics["train-loss"] * u.num_examples for u in updates) / weights
+                      if weights else None)
+        self._pending.update({
+            "train_loss": train_loss,
+            "bytes_up": sum(up for up, _ in traffic.values()),
+            "bytes_down": bytes_down,
+            "clients": sorted((client_entry(u, *traffic[u.client_id]) for u in updates),
+                              key=lambda c: c["client_id"]),
+            "failures": failures,
+        })
+
+    def evaluated(self, server_round: int, accuracy: float, loss: float) -> dict:
+        now = time.perf_counter()
+        record = {
+            "round": server_round,
+            "accuracy": accuracy,
+            "loss": loss,
+            "train_loss": None,
+            "bytes_up": 0,
+            "bytes_down": 0,
+            "clients": [],
+            "failures": [],
+            **(self._pending if server_round > 0 else {}),
+            "round_seconds": now - self._round_start if server_round > 0 else 0.0,
+            "elapsed_seconds": now - self._started,
+        }
+        self._pending = {}
+        self._sink.record_round(record)
+        self._display.round_finished(record)
+        return record

@@ -1,0 +1,205 @@
+"""The one concrete :class:`~hfedmoe.model.adapter.MoEAdapter`, for every family, by composition.
+
+A family module (``hf_moe``, ``switch``, ``minilm``) converts a model so that each MoE layer's
+routed experts live in a :class:`SparseExperts` bank, and hands this class the banks, the
+router modules and a *routing function* that reads a router's forward output. Nothing here
+knows a family's module names: parameter names are found by identity.
+
+Partition invariant: every parameter of ``model`` is exactly one of a routed-expert
+parameter, a router parameter, an input-embedding parameter, or a non-expert parameter
+(``non_expert_parameters("all")``).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from hfedmoe.model.adapter import BackwardPlan, MoEGeometry, RoutingTrace
+from hfedmoe.model.classifier import HEAD_PREFIX, MoEClassifier
+from hfedmoe.model.sparse_experts import SparseExperts
+
+# router forward output -> (probabilities (tokens, S) float32, top_k_index (tokens, k) int64)
+RoutingFn = Callable[[Any], tuple[torch.Tensor, torch.Tensor]]
+
+SCOPES = ("head", "all")
+
+
+class UnsupportedModelError(ValueError):
+    """The model's family or expert layout is not supported; the message is one line."""
+
+
+class ModelAdapter:
+    """Addresses the experts, routers and other parameters of one converted MoE classifier.
+
+    ``banks[l]`` and ``routers[l]`` belong to MoE layer ``l`` (dense layers not counted);
+    ``banks[l].layer_index`` must be ``l`` (it indexes ``BackwardPlan.active``).
+    """
+
+    def __init__(
+        self,
+        family: str,
+        model: MoEClassifier,
+        banks: Sequence[SparseExperts],
+        routers: Sequence[nn.Module],
+        routing: RoutingFn,
+        top_k: int,
+        input_embedding_names: Iterable[str],
+    ) -> None:
+        _check_layers(model, banks, routers, top_k)
+        self.family = family
+        self.model = model
+        self.banks = tuple(banks)
+        self.routers = tuple(routers)
+        self.geometry = MoEGeometry(len(banks), banks[0].num_experts, top_k)
+        self._routing = routing
+        self._non_expert = _non_expert_names(model, banks, routers, set(input_embedding_names))
+
+    # --- live parameters -------------------------------------------------------------
+
+    def expert_parameters(self, layer: int, expert: int) -> dict[str, nn.Parameter]:
+        """The live parameters of routed expert ``(layer, expert)`` by short name."""
+        self._check_expert(layer, expert)
+        return dict(self.banks[layer].experts[expert].named_parameters())
+
+    def router_parameters(self, layer: int) -> dict[str, nn.Parameter]:
+        """The live parameters of MoE layer ``layer``'s router by short name (no buffers)."""
+        self._check_layer(layer)
+        return dict(self.routers[layer].named_parameters())
+
+    def non_expert_parameters(self, scope: str) -> dict[str, nn.Parameter]:
+        """``"head"``: ``classifier.*``; ``"all"``: every parameter that is not a routed
+        expert, a router or an input embedding. Returned regardless of ``requires_grad``;
+        names are the model's own (``backbone.…`` / ``classifier.…``)."""
+        if scope not in SCOPES:
+            raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
+        named = dict(self.model.named_parameters())
+        keep = [n for n in self._non_expert if scope == "all" or n.startswith(HEAD_PREFIX)]
+        return {name: named[name] for name in keep}
+
+    # --- context managers ------------------------------------------------------------
+
+    @contextmanager
+    def trace_routing(self) -> Iterator[RoutingTrace]:
+        """Record every router call inside the block, in call order (= layer order for one
+        forward pass; a second pass appends L more entries). Hooks are removed on exit."""
+        trace = RoutingTrace()
+
+        def record(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            probabilities, top_k_index = self._routing(output)
+            trace.probabilities.append(probabilities)  # (tokens, S) float32, attached
+            trace.top_k_index.append(top_k_index)  # (tokens, k) int64
+
+        handles = [router.register_forward_hook(record) for router in self.routers]
+        try:
+            yield trace
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @contextmanager
+    def deferred_expert_backward(self) -> Iterator[BackwardPlan]:
+        """Attach one fresh :class:`BackwardPlan` to every bank for the forward passes run
+        inside the block; set ``plan.active`` before ``backward()``, which may run after
+        the block exits (the graph keeps the plan). Banks are detached on exit."""
+        if any(bank.plan is not None for bank in self.banks):
+            raise RuntimeError("deferred_expert_backward() is already active on this model")
+        plan = BackwardPlan()
+        for bank in self.banks:
+            bank.plan = plan
+        try:
+            yield plan
+        finally:
+            for bank in self.banks:
+                bank.plan = None
+
+    # --- detached copies in / out ----------------------------------------------------
+
+    def expert_state(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """Detached clones of expert ``(layer, expert)``'s tensors."""
+        return _detached(self.expert_parameters(layer, expert))
+
+    def load_expert_state(self, layer: int, expert: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (exactly the expert's names, same shapes and dtypes) into it."""
+        _load(self.expert_parameters(layer, expert), tensors, f"expert ({layer}, {expert})", exact=True)
+
+    def router_state(self, layer: int) -> dict[str, torch.Tensor]:
+        """Detached clones of MoE layer ``layer``'s router tensors."""
+        return _detached(self.router_parameters(layer))
+
+    def load_router_state(self, layer: int, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (exactly the router's names, same shapes and dtypes) into it."""
+        _load(self.router_parameters(layer), tensors, f"router of layer {layer}", exact=True)
+
+    def non_expert_state(self, scope: str) -> dict[str, torch.Tensor]:
+        """Detached clones of ``non_expert_parameters(scope)``."""
+        return _detached(self.non_expert_parameters(scope))
+
+    def load_non_expert_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` (any subset of the ``"all"`` scope's names) into the model."""
+        _load(self.non_expert_parameters("all"), tensors, "non-expert state", exact=False)
+
+    # --- argument checks -------------------------------------------------------------
+
+    def _check_layer(self, layer: int) -> None:
+        if not 0 <= layer < self.geometry.num_layers:
+            raise IndexError(f"MoE layer {layer} out of range 0..{self.geometry.num_layers - 1}")
+
+    def _check_expert(self, layer: int, expert: int) -> None:
+        self._check_layer(layer)
+        if not 0 <= expert < self.geometry.num_experts:
+            raise IndexError(f"expert {expert} out of range 0..{self.geometry.num_experts - 1}")
+
+
+def _check_layers(model: nn.Module, banks: Sequence[SparseExperts], routers: Sequence[nn.Module],
+                  top_k: int) -> None:
+    if not banks or len(banks) != len(routers):
+        raise ValueError(f"need one router per expert bank and at least one bank; got "
+                         f"{len(banks)} banks and {len(routers)} routers")
+    sizes = {bank.num_experts for bank in banks}
+    if len(sizes) != 1:
+        raise UnsupportedModelError(f"MoE layers have different expert counts {sorted(sizes)}")
+    if not 1 <= top_k <= banks[0].num_experts:
+        raise ValueError(f"top_k must be in 1..{banks[0].num_experts}, got {top_k}")
+    for layer, bank in enumerate(banks):
+        if bank.layer_index != layer:
+            raise ValueError(f"bank {layer} has layer_index {bank.layer_index}; expected {layer}")
+    members = {id(m) for m in model.modules()}
+    if any(id(m) not in members for m in [*banks, *routers]):
+        raise ValueError("every expert bank and router must be a submodule of the model")
+
+
+def _non_expert_names(model: nn.Module, banks: Sequence[nn.Module], routers: Sequence[nn.Module],
+                      embedding_names: set[str]) -> tuple[str, ...]:
+    named = dict(model.named_parameters())
+    unknown = embedding_names - named.keys()
+    if unknown:
+        raise ValueError(f"input-embedding parameters not in the model: {sorted(unknown)}")
+    excluded = {id(p) for m in [*banks, *routers] for p in m.parameters()}
+    excluded |= {id(named[n]) for n in embedding_names}
+    return tuple(name for name, p in named.items() if id(p) not in excluded)
+
+
+def _detached(params: Mapping[str, nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {name: p.detach().clone() for name, p in params.items()}
+
+
+def _load(params: Mapping[str, nn.Parameter], tensors: Mapping[str, torch.Tensor], what: str,
+          exact: bool) -> None:
+    unknown = sorted(set(tensors) - params.keys())
+    missing = sorted(params.keys() - set(tensors)) if exact else []
+    if unknown or missing:
+        raise ValueError(f"{what}: unknown names {unknown}, missing names {missing}")
+    for name, value in tensors.items():
+        target = params[name]
+        if value.shape != target.shape or value.dtype != target.dtype:
+            raise ValueError(
+                f"{what} '{name}': got {tuple(value.shape)} {value.dtype}, "
+                f"expected {tuple(target.shape)} {target.dtype}"
+            )
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)

@@ -1,0 +1,169 @@
+"""transformers 5.x families with FUSED experts: Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3.
+
+Their MoE block ``layers[i].mlp`` holds a router ``gate`` (``weight`` (S, H), forward returns
+``(router_logits (T,S), top_k_weights (T,k), top_k_index (T,k))``) and an ``experts`` module
+storing every expert in two tensors, ``gate_up_proj`` (S, 2I, H) and ``down_proj`` (S, H, I).
+:func:`convert_fused_experts` replaces ``experts`` IN PLACE by a :class:`SparseExperts` bank
+of :class:`GatedExpert` modules holding copies of the slices, so the block's own forward
+(router -> ``experts(hidden, top_k_index, top_k_weights)``) runs unchanged and computes the
+same function. Dense layers (Qwen's ``mlp_only_layers``, DeepSeek's first
+``first_k_dense_replace`` layers) keep their MLP and are not MoE layers.
+
+Shared experts (Qwen2-MoE ``shared_expert`` + ``shared_expert_gate``, DeepSeek-V3
+``shared_experts``) are ordinary non-expert parameters.
+
+Router probabilities G_e(x) (method.md, section 1):
+
+* softmax families: ``softmax(router_logits)``, exactly what their router ranks;
+* DeepSeek-V3: its router scores experts with ``sigmoid(router_logits)`` (top-k inside the
+  best ``topk_group`` of ``n_group`` groups, after adding ``e_score_correction_bias``).
+  We define ``G_e(x) = sigmoid(l_e) / Σ_j sigmoid(l_j)`` - the sigmoid scores normalised
+  to a distribution over experts, without the bias (which is a load-balancing device, not
+  a preference). ``e_score_correction_bias`` is a buffer, not a router parameter: it keeps
+  its loaded value and is not exchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from torch import nn
+from transformers import PretrainedConfig
+
+from hfedmoe.model.generic import RoutingFn, UnsupportedModelError
+from hfedmoe.model.sparse_experts import SparseExperts
+
+FUSED_FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v3")
+DROPOUT_KEYS = ("attention_dropout",)  # the only dropout these configs have
+
+BASE_MODELS: dict[str, type[transformers.PreTrainedModel]] = {
+    "qwen2_moe": transformers.Qwen2MoeModel,
+    "qwen3_moe": transformers.Qwen3MoeModel,
+    "olmoe": transformers.OlmoeModel,
+    "mixtral": transformers.MixtralModel,
+    "deepseek_v3": transformers.DeepseekV3Model,
+}
+
+# The layout flags set by transformers' ``@use_experts_implementation`` that we support.
+_SUPPORTED_LAYOUT = {"has_gate": True, "has_bias": False, "is_transposed": False,
+                     "is_concatenated": True, "has_post_expert_norm": False}
+
+
+class GatedExpert(nn.Module):
+    """One routed expert: ``down_proj · (act(g) ⊙ u)`` with ``[g; u] = gate_up_proj · x``.
+
+    ``gate_up_proj`` (2I, H), ``down_proj`` (H, I); (tokens, H) -> (tokens, H). Same
+    arithmetic as the fused modules' eager path, so outputs match bit for bit.
+    """
+
+    def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: nn.Module,
+                 requires_grad: bool = True) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(gate_up_proj.detach().clone(), requires_grad=requires_grad)
+        self.down_proj = nn.Parameter(down_proj.detach().clone(), requires_grad=requires_grad)
+        self.act_fn = act_fn
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        gate, up = nn.functional.linear(hidden_states, self.gate_up_proj).chunk(2, dim=-1)  # (t, I) x2
+        return nn.functional.linear(self.act_fn(gate) * up, self.down_proj)  # (t, H)
+
+
+def check_fused_layout(experts: nn.Module, where: str) -> None:
+    """Raise :class:`UnsupportedModelError` unless ``experts`` is a concatenated, untransposed,
+    bias-free gated fused experts module with the default gate ``act(g) * u``."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    flags = {name: getattr(experts, name, None) for name in _SUPPORTED_LAYOUT}
+    if flags != _SUPPORTED_LAYOUT:
+        raise UnsupportedModelError(f"{where}: fused experts layout {flags} is not supported; "
+                                    f"only {_SUPPORTED_LAYOUT}")
+    if getattr(type(experts), "_apply_gate", None) is not _default_apply_gate:
+        raise UnsupportedModelError(f"{where}: custom expert gating is not supported")
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if gate_up.dim() != 3 or down.dim() != 3 or gate_up.shape[0] != down.shape[0] \
+            or gate_up.shape[1] != 2 * down.shape[2] or gate_up.shape[2] != down.shape[1]:
+        raise UnsupportedModelError(f"{where}: expected gate_up_proj (S, 2I, H) and down_proj "
+                                    f"(S, H, I); got {tuple(gate_up.shape)}, {tuple(down.shape)}")
+
+
+def bank_from_fused(experts: nn.Module, layer_index: int) -> SparseExperts:
+    """Per-expert copies of a fused experts module's slices, as a bank for MoE layer ``layer_index``."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj  # (S, 2I, H), (S, H, I)
+    return SparseExperts(
+        [GatedExpert(gate_up[e], down[e], experts.act_fn, gate_up.requires_grad)
+         for e in range(gate_up.shape[0])],
+        layer_index=layer_index,
+    )
+
+
+def convert_fused_experts(backbone: nn.Module) -> tuple[list[SparseExperts], list[nn.Module]]:
+    """Replace every ``layers[i].mlp.experts`` by a bank, in place; return (banks, routers)
+    in MoE-layer order."""
+    banks: list[SparseExperts] = []
+    routers: list[nn.Module] = []
+    for index, layer in enumerate(backbone.layers):
+        mlp = layer.mlp
+        if not hasattr(mlp, "experts"):
+            continue  # a dense FFN layer
+        check_fused_layout(mlp.experts, f"layers.{index}.mlp.experts")
+        bank = bank_from_fused(mlp.experts, layer_index=len(banks))
+        mlp.experts = bank
+        banks.append(bank)
+        routers.append(mlp.gate)
+    if not banks:
+        raise UnsupportedModelError(f"{type(backbone).__name__} has no MoE layer")
+    return banks, routers
+
+
+def softmax_routing(output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """G = softmax(router_logits): ((tokens, S) float32, top_k_index (tokens, k))."""
+    router_logits, _, top_k_index = output
+    return torch.softmax(router_logits.float(), dim=-1), top_k_index
+
+
+def normalised_sigmoid_routing(output: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3: G_e = sigmoid(l_e) / Σ_j sigmoid(l_j) (see module docstring)."""
+    router_logits, _, top_k_index = output
+    scores = torch.sigmoid(router_logits.float())  # (tokens, S)
+    return scores / scores.sum(dim=-1, keepdim=True), top_k_index
+
+
+def routing_function(family: str) -> RoutingFn:
+    return normalised_sigmoid_routing if family == "deepseek_v3" else softmax_routing
+
+
+def top_k(config: PretrainedConfig) -> int:
+    return int(config.num_experts_per_tok)
+
+
+def tiny_config(family: str) -> PretrainedConfig:
+    """A ~2M-parameter random config: hidden 64, 2 MoE layers of 8 experts, top-2, MiniLM's
+    vocabulary (30522; pad 0, [CLS] 101, [SEP] 102). DeepSeek-V3 has one extra dense layer
+    first (``first_k_dense_replace = 1``) so that dense-layer skipping is exercised."""
+    common = dict(vocab_size=30522, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=512, pad_token_id=0, bos_token_id=101,
+                  eos_token_id=102, num_experts_per_tok=2, use_cache=False)
+    if family == "qwen2_moe":
+        return transformers.Qwen2MoeConfig(**common, num_hidden_layers=2, intermediate_size=128,
+                                           moe_intermediate_size=32, num_experts=8,
+                                           shared_expert_intermediate_size=64)
+    if family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, num_hidden_layers=2, intermediate_size=128,
+                                           head_dim=16, moe_intermediate_size=32, num_experts=8)
+    if family == "olmoe":
+        return transformers.OlmoeConfig(**common, num_hidden_layers=2, intermediate_size=32,
+                                        num_experts=8)
+    if family == "mixtral":
+        return transformers.MixtralConfig(**common, num_hidden_layers=2, intermediate_size=32,
+                                          num_local_experts=8)
+    if family == "deepseek_v3":
+        common["num_key_value_heads"] = 4
+        return transformers.DeepseekV3Config(
+            **common, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=128,
+            moe_intermediate_size=32, n_routed_experts=8, n_shared_experts=1, n_group=2,
+            topk_group=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8,
+            qk_nope_head_dim=8, v_head_dim=16)
+    raise UnsupportedModelError(f"no tiny config for family '{family}'; fused families are "
+                                f"{', '.join(FUSED_FAMILIES)}")

@@ -1,0 +1,180 @@
+"""Build a :class:`ModelAdapter` (and its tokenizer) from ``model.name``.
+
+``model.name`` is one of
+
+* ``"minilm-moe"`` - the embedded default: all-MiniLM-L6-v2 upcycled to ``model.num-experts``
+  experts per FFN, ``model.top-k`` per token (``hfedmoe.model.minilm``);
+* ``"tiny:<family>"`` - a ~2M-parameter random model of a supported family (the family's
+  own geometry: 2 MoE layers x 8 experts, top-2; Switch top-1), MiniLM's vocabulary;
+* a local directory or a Hugging Face id (offline cache only) of a supported family, loaded
+  with the family's base model class in float32.
+
+Determinism contract: every process that calls :func:`load_adapter` with the same
+arguments gets bit-identical weights - random weights and the classifier head are drawn
+from ``seed`` on a forked RNG (the caller's RNG state is untouched). The model is returned
+in eval mode on ``model.device``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Callable, Iterator
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
+
+from hfedmoe.config import ModelConfig
+from hfedmoe.model import hf_moe, switch
+from hfedmoe.model.classifier import MoEClassifier
+from hfedmoe.model.generic import ModelAdapter, RoutingFn, UnsupportedModelError
+from hfedmoe.model.sparse_experts import SparseExperts
+
+MINILM_MOE = "minilm-moe"
+TINY_PREFIX = "tiny:"
+
+
+class ModelNotFoundError(ValueError):
+    """``model.name`` is neither a local directory nor available offline; one-line message."""
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """What loading needs to know about one transformers MoE family."""
+
+    base_model: type[transformers.PreTrainedModel]  # returns ``last_hidden_state``
+    convert: Callable[[nn.Module], tuple[list[SparseExperts], list[nn.Module]]]  # in place
+    routing: RoutingFn
+    top_k: Callable[[PretrainedConfig], int]
+    tiny_config: Callable[[str], PretrainedConfig]
+    dropout_keys: tuple[str, ...]  # config attributes set to ``model.dropout``
+
+
+FAMILIES: MappingProxyType[str, FamilySpec] = MappingProxyType({
+    **{family: FamilySpec(hf_moe.BASE_MODELS[family], hf_moe.convert_fused_experts,
+                          hf_moe.routing_function(family), hf_moe.top_k, hf_moe.tiny_config,
+                          hf_moe.DROPOUT_KEYS)
+       for family in hf_moe.FUSED_FAMILIES},
+    switch.FAMILY: FamilySpec(switch.BASE_MODEL, switch.convert_switch_experts,
+                              switch.switch_routing, switch.top_k, switch.tiny_config,
+                              switch.DROPOUT_KEYS),
+})
+SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
+
+
+def family_spec(family: str) -> FamilySpec:
+    """The spec of ``family`` (a transformers ``model_type``) or UnsupportedModelError."""
+    if family not in FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type '{family}' is not supported; supported families: "
+            f"{', '.join(SUPPORTED_FAMILIES)} (or '{MINILM_MOE}')"
+        )
+    return FAMILIES[family]
+
+
+def load_adapter(model_cfg: ModelConfig, num_labels: int, seed: int) -> ModelAdapter:
+    """The classifier adapter for ``model_cfg.name`` (see the module docstring)."""
+    name = model_cfg.name
+    if name == MINILM_MOE:
+        adapter = _minilm_adapter(model_cfg, num_labels, seed)
+    elif name.startswith(TINY_PREFIX):
+        family = name[len(TINY_PREFIX):]
+        backbone = tiny_backbone(family, seed, model_cfg.dropout)
+        adapter = adapter_from_backbone(backbone, family, num_labels, seed)
+    else:
+        backbone = pretrained_backbone(name, model_cfg.dropout)
+        adapter = adapter_from_backbone(backbone, backbone.config.model_type, num_labels, seed)
+    adapter.model.to(model_cfg.device).eval()
+    return adapter
+
+
+def tiny_backbone(family: str, seed: int, dropout: float = 0.0) -> transformers.PreTrainedModel:
+    """The family's unconverted random tiny base model, weights drawn from ``seed``."""
+    spec = family_spec(family)
+    config = spec.tiny_config(family)
+    _set_dropout(config, spec.dropout_keys, dropout)
+    with seeded(seed):
+        return spec.base_model(config)
+
+
+def pretrained_backbone(name: str, dropout: float) -> transformers.PreTrainedModel:
+    """The unconverted float32 base model of a local directory or cached Hub id."""
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"model '{name}' is neither a local directory nor available offline: {_first_line(exc)}"
+        ) from exc
+    except ValueError as exc:
+        raise UnsupportedModelError(f"model '{name}': {_first_line(exc)}; supported families: "
+                                    f"{', '.join(SUPPORTED_FAMILIES)}") from exc
+    spec = family_spec(config.model_type)
+    _set_dropout(config, spec.dropout_keys, dropout)
+    config.use_cache = False
+    return spec.base_model.from_pretrained(name, config=config, dtype=torch.float32)
+
+
+def adapter_from_backbone(backbone: transformers.PreTrainedModel, family: str, num_labels: int,
+                          seed: int) -> ModelAdapter:
+    """Convert ``backbone``'s experts in place, add a head drawn from ``seed``, wrap it."""
+    spec = family_spec(family)
+    banks, routers = spec.convert(backbone)
+    with seeded(seed):
+        model = MoEClassifier(backbone, backbone.config.hidden_size, num_labels)
+    embedding_ids = {id(p) for p in backbone.get_input_embeddings().parameters()}
+    embedding_names = [n for n, p in model.named_parameters() if id(p) in embedding_ids]
+    return ModelAdapter(family, model, banks, routers, spec.routing, spec.top_k(backbone.config),
+                        embedding_names)
+
+
+def _minilm_adapter(model_cfg: ModelConfig, num_labels: int, seed: int) -> ModelAdapter:
+    from hfedmoe.model.minilm import build_minilm_moe_backbone
+
+    with seeded(seed):
+        bert, blocks = build_minilm_moe_backbone(model_cfg.num_experts, model_cfg.top_k,
+                                                 model_cfg.dropout)
+        model = MoEClassifier(bert, bert.config.hidden_size, num_labels)
+    embedding_names = [n for n, _ in model.named_parameters() if n.startswith("backbone.embeddings.")]
+    return ModelAdapter(MINILM_MOE, model, [b.experts for b in blocks], [b.gate for b in blocks],
+                        hf_moe.softmax_routing, model_cfg.top_k, embedding_names)
+
+
+def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    """MiniLM's tokenizer for ``minilm-moe`` and ``tiny:*``, else the model's own; a tokenizer
+    without a pad token gets ``pad = eos``."""
+    name = model_cfg.name
+    if name == MINILM_MOE or name.startswith(TINY_PREFIX):
+        from hfedmoe.model.minilm import minilm_model_dir
+
+        name = str(minilm_model_dir())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except OSError as exc:
+        raise ModelNotFoundError(f"tokenizer of '{name}' is neither a local directory nor "
+                                 f"available offline: {_first_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"tokenizer of '{name}' has neither a pad nor an eos token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run the block with the CPU RNG seeded to ``seed``; restore the caller's state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _set_dropout(config: PretrainedConfig, keys: tuple[str, ...], dropout: float) -> None:
+    for key in keys:
+        setattr(config, key, dropout)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,0 +1,213 @@
+"""Dense pretrained BERT -> MoE conversion ("upcycling"), in place.
+
+Each BertLayer's FFN ``LayerNorm(dropout(W2·gelu(W1·x + b1) + b2) + x)`` (x = attention
+output) is split along its I intermediate neurons into S experts of I/S neurons each:
+expert e = ``down_e(gelu(up_e(x)))`` with ``up_e = (W1[n_e], b1[n_e])`` and
+``down_e = W2[:, n_e]`` (no bias). A router picks top_k experts per token; the layer becomes
+
+    LayerNorm(dropout(Σ_{e ∈ top_k} g_e · expert_e(x) + b2) + x),   Σ g_e = top_k.
+
+Invariant (exactness): with top_k = S and a uniform router every gate g_e is 1 and the
+layer computes the dense FFN exactly (up to float summation order), for ANY neuron split.
+See docs/upcycling.md for the split and router-initialisation choices and measurements.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import BertModel
+from transformers.activations import ACT2FN
+
+from hfedmoe.model.sparse_experts import SparseExperts
+
+
+class DenseActExpert(nn.Module):
+    """One expert: a slice of a dense FFN's neurons. (tokens, H) -> (tokens, H)."""
+
+    def __init__(self, hidden_size: int, expert_size: int, hidden_act: str) -> None:
+        super().__init__()
+        self.up = nn.Linear(hidden_size, expert_size, bias=True)
+        self.act = ACT2FN[hidden_act]
+        self.down = nn.Linear(expert_size, hidden_size, bias=False)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(hidden_states)))  # (tokens, H)
+
+
+class UpcycledRouter(nn.Module):
+    """Linear top-k router, ``weight`` (S, H), no bias.
+
+    Returns the transformers fused-router triple ``(router_logits (T,S), top_k_weights
+    (T,k), top_k_index (T,k))`` with ``top_k_weights = k · softmax(chosen k logits)``:
+    the gates of a token sum to k, and a uniform router gives every chosen gate exactly 1.
+    """
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must be in 1..{num_experts} (num_experts), got {top_k}")
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+
+    def forward(self, hidden_states: torch.Tensor):
+        router_logits = nn.functional.linear(hidden_states, self.weight)  # (T, S)
+        top_logits, top_k_index = torch.topk(router_logits, self.top_k, dim=-1)  # (T, k)
+        top_k_weights = self.top_k * torch.softmax(top_logits, dim=-1)  # (T, k), rows sum to k
+        return router_logits, top_k_weights, top_k_index
+
+
+class UpcycledMoE(nn.Module):
+    """Router + expert bank replacing ``BertLayer.intermediate``. (B, T, H) -> (B, T, H).
+
+    The output is Σ g_e · expert_e(x) WITHOUT the dense output bias b2, which stays in the
+    layer as :class:`OutputBias` (a non-expert parameter).
+    """
+
+    def __init__(self, gate: UpcycledRouter, experts: SparseExperts) -> None:
+        super().__init__()
+        self.gate = gate
+        self.experts = experts
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, seq_len, hidden = hidden_states.shape
+        flat = hidden_states.reshape(-1, hidden)  # (B*T, H)
+        _, top_k_weights, top_k_index = self.gate(flat)
+        out = self.experts(flat, top_k_index, top_k_weights)  # (B*T, H)
+        return out.reshape(batch, seq_len, hidden)
+
+
+class OutputBias(nn.Module):
+    """Stands in for ``BertOutput.dense``: adds the dense FFN's output bias b2."""
+
+    def __init__(self, bias: torch.Tensor) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(bias.detach().clone())
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return hidden_states + self.bias  # (..., H)
+
+
+def contiguous_neuron_groups(intermediate_size: int, num_experts: int) -> torch.Tensor:
+    """Expert e owns neurons ``e·m .. (e+1)·m - 1``, m = I/S. Returns (S, m) int64."""
+    if num_experts < 1 or intermediate_size % num_experts:
+        raise ValueError(
+            f"num_experts must divide the FFN size {intermediate_size}, got {num_experts}"
+        )
+    return torch.arange(intermediate_size).reshape(num_experts, -1)
+
+
+def _balanced_assignment(scores: torch.Tensor, capacity: int) -> torch.Tensor:
+    """Greedy: best remaining (neuron, expert) score first, each expert takes ``capacity``.
+
+    ``scores`` (I, S) -> groups (S, capacity) int64, each row sorted. Deterministic.
+    """
+    num_neurons, num_experts = scores.shape
+    order = scores.flatten().argsort(descending=True, stable=True).tolist()
+    owner, filled, left = [-1] * num_neurons, [0] * num_experts, num_neurons
+    for flat in order:
+        neuron, expert = divmod(flat, num_experts)
+        if owner[neuron] >= 0 or filled[expert] == capacity:
+            continue
+        owner[neuron], filled[expert], left = expert, filled[expert] + 1, left - 1
+        if left == 0:
+            break
+    owner_t = torch.tensor(owner)  # (I,)
+    return torch.stack([torch.nonzero(owner_t == e).flatten() for e in range(num_experts)])
+
+
+def clustered_neuron_groups(
+    up_weight: torch.Tensor, num_experts: int, max_iterations: int = 10
+) -> torch.Tensor:
+    """Balanced spherical k-means of the FFN's input weights W1 (I, H) -> groups (S, I/S).
+
+    Neurons whose input weight vectors point the same way fire on the same inputs, so each
+    expert becomes a coherent block (MoEfication's parameter-clustering split). Data-free
+    and deterministic: float64, starts from the contiguous split, ties broken by index.
+    """
+    groups = contiguous_neuron_groups(up_weight.shape[0], num_experts)
+    directions = nn.functional.normalize(up_weight.detach().double(), dim=1)  # (I, H)
+    for _ in range(max_iterations):
+        centroids = nn.functional.normalize(directions[groups].mean(dim=1), dim=1)  # (S, H)
+        new_groups = _balanced_assignment(directions @ centroids.T, groups.shape[1])
+        if torch.equal(new_groups, groups):
+            break
+        groups = new_groups
+    return groups
+
+
+def router_weight_from_groups(up_weight: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """Router row e = the unit-normalised mean input weight of expert e's neurons. (S, H).
+
+    Normalising removes the per-expert scale that made the un-normalised mean ("naive"
+    init) send most tokens to a few experts; see docs/upcycling.md for measurements.
+    """
+    rows = up_weight.detach().float()[groups].mean(dim=1)  # (S, H)
+    return nn.functional.normalize(rows, dim=1)
+
+
+def experts_from_dense(
+    up: nn.Linear, down: nn.Linear, groups: torch.Tensor, hidden_act: str
+) -> list[DenseActExpert]:
+    """Copy each group's rows of W1/b1 and columns of W2 into its own expert."""
+    hidden_size, expert_size = up.in_features, groups.shape[1]
+    experts = []
+    for neurons in groups:  # (m,)
+        expert = DenseActExpert(hidden_size, expert_size, hidden_act)
+        with torch.no_grad():
+            expert.up.weight.copy_(up.weight[neurons])  # (m, H)
+            expert.up.bias.copy_(up.bias[neurons])  # (m,)
+            expert.down.weight.copy_(down.weight[:, neurons])  # (H, m)
+        experts.append(expert)
+    return experts
+
+
+def upcycle_layer(
+    layer: nn.Module,
+    layer_index: int,
+    groups: torch.Tensor,
+    router_weight: torch.Tensor,
+    top_k: int,
+    hidden_act: str,
+) -> UpcycledMoE:
+    """Replace one BertLayer's FFN by experts ``groups`` (S, m) and a router, in place.
+
+    ``layer.intermediate`` becomes the :class:`UpcycledMoE` and ``layer.output.dense`` an
+    :class:`OutputBias` holding b2; dropout and LayerNorm of ``layer.output`` are kept.
+    """
+    up, down = layer.intermediate.dense, layer.output.dense
+    experts = experts_from_dense(up, down, groups, hidden_act)
+    gate = UpcycledRouter(up.in_features, groups.shape[0], top_k)
+    with torch.no_grad():
+        gate.weight.copy_(router_weight)
+    moe = UpcycledMoE(gate, SparseExperts(experts, layer_index=layer_index))
+    layer.intermediate = moe
+    layer.output.dense = OutputBias(down.bias)
+    return moe
+
+
+def upcycle_bert(bert: BertModel, num_experts: int, top_k: int) -> list[UpcycledMoE]:
+    """Convert every FFN of ``bert`` into an MoE in place; return the MoE blocks by layer.
+
+    Split: :func:`clustered_neuron_groups`; router: :func:`router_weight_from_groups`.
+    Parameter names per layer: ``intermediate.gate.weight``,
+    ``intermediate.experts.experts.{e}.up.{weight,bias}``,
+    ``intermediate.experts.experts.{e}.down.weight`` and ``output.dense.bias`` (b2, the
+    dense model's name). Deterministic: no randomness is used.
+    """
+    config = bert.config
+    if not isinstance(config.hidden_act, str):
+        raise ValueError(f"hidden_act must be a named activation, got {config.hidden_act!r}")
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k must be in 1..{num_experts} (num_experts), got {top_k}")
+    blocks = []
+    for layer_index, layer in enumerate(bert.encoder.layer):
+        if isinstance(layer.intermediate, UpcycledMoE):
+            raise ValueError(f"layer {layer_index} is already upcycled")
+        up_weight = layer.intermediate.dense.weight
+        groups = clustered_neuron_groups(up_weight, num_experts)
+        router_weight = router_weight_from_groups(up_weight, groups)
+        blocks.append(
+            upcycle_layer(layer, layer_index, groups, router_weight, top_k, config.hidden_act)
+        )
+    return blocks

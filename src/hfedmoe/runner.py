@@ -1,0 +1,75 @@
+"""Launch a run on one of the runtimes; the same ServerApp/ClientApp code runs in each.
+
+* ``ray``       - Flower's simulation runtime (Ray actors run the ClientApp).
+* ``inprocess`` - the ClientApp runs in this process, one client after another (tests).
+Deployment (SuperLink + SuperNodes, ``flwr run``) loads ``hfedmoe.federation.server_app:app``
+and reads the same keys from the run config.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from hfedmoe.config import RunConfig
+
+OFFLINE_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def prepare_environment() -> None:
+    """Offline, quiet defaults for this process and its children (user settings win)."""
+    for key, value in OFFLINE_ENV.items():
+        os.environ.setdefault(key, value)
+
+
+def run_experiment(config: RunConfig) -> dict:
+    """Run ``config`` to completion on its runtime; returns the summary (also in summary.json)."""
+    prepare_environment()
+    if config.simulation.runtime == "inprocess":
+        return _run_inprocess(config)
+    return _run_ray(config)
+
+
+def _run_inprocess(config: RunConfig) -> dict:
+    import torch
+
+    from hfedmoe.federation.client_app import app as client_app
+    from hfedmoe.federation.grids import InProcessGrid
+    from hfedmoe.federation.server_app import run_server
+
+    torch.set_num_threads(config.simulation.client_cpus)
+    return run_server(InProcessGrid(client_app, config.data.num_clients), config)
+
+
+def _run_ray(config: RunConfig) -> dict:
+    from flwr.simulation import run_simulation
+
+    from hfedmoe.federation.client_app import app as client_app
+    from hfedmoe.federation.server_app import make_server_app
+
+    summary_file = Path(config.out) / "summary.json"
+    summary_file.unlink(missing_ok=True)
+    env = {k: os.environ[k] for k in OFFLINE_ENV}
+    run_simulation(
+        server_app=make_server_app(config.to_flat()),
+        client_app=client_app,
+        num_supernodes=config.data.num_clients,
+        backend_config={
+            "client_resources": {"num_cpus": config.simulation.client_cpus, "num_gpus": 0.0},
+            "init_args": {"num_cpus": max(os.cpu_count() or 1, config.simulation.client_cpus),
+                          "include_dashboard": False, "log_to_driver": True,
+                          "runtime_env": {"env_vars": env}},
+        },
+    )
+    if not summary_file.is_file():
+        raise RuntimeError("the simulation ended without writing summary.json; see the log above")
+    return json.loads(summary_file.read_text(encoding="utf-8"))

@@ -1,0 +1,175 @@
+"""Local training on one client and evaluation (torch only; no Flower here).
+
+One local round (method.md, section 5, step 2), per batch:
+forward with normal routing (router outputs traced) -> loss (+ load-balancing loss) ->
+``selector`` picks the experts that may learn (None = every routed expert) -> backward through
+those experts only -> optimizer step. The loop measures what the budget is about: the number
+of experts that actually received a gradient in each batch, the step time, and training memory.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+
+from hfedmoe.data.tokenize import TokenizedSet, batches, eval_batches
+from hfedmoe.measurement import (
+    SavedActivationMeter,
+    gradient_bytes,
+    optimizer_state_bytes,
+    tensor_bytes,
+)
+from hfedmoe.model.adapter import MoEAdapter, RoutingTrace
+
+# selector(trace, attention_mask (B,T)) -> (L, S) bool active experts, or None for "all routed".
+ExpertSelector = Callable[[RoutingTrace, torch.Tensor], torch.Tensor | None]
+
+
+@dataclass(frozen=True)
+class LocalTrainingSettings:
+    local_steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    aux_loss_coef: float
+    seed: int  # seeds batch order (and dropout) of this client in this round
+
+
+@dataclass(frozen=True)
+class LocalTrainingResult:
+    num_examples: int  # |D_c|
+    train_loss: float  # mean task loss over the local steps
+    trained_experts: torch.Tensor  # (L, S) bool: received a gradient in at least one batch
+    usage: torch.Tensor  # (L, S) u_c(e): mean router probability per sample (Eq. 16)
+    max_active_experts_per_batch: int  # max over batches of experts with a gradient
+    peak_memory_bytes: int  # see hfedmoe.measurement
+    mean_step_seconds: float
+
+
+def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) -> (B*T,) bool mask of real (non-padding) tokens, row-major like the trace."""
+    return attention_mask.reshape(-1).bool()
+
+
+def sample_probabilities(trace: RoutingTrace, attention_mask: torch.Tensor) -> torch.Tensor:
+    """G_e(x_i) per sample: mean of its non-padding tokens' router probabilities.
+
+    Returns (L, B, S), detached (method.md, decision on text samples).
+    """
+    mask = attention_mask.to(torch.float32)  # (B, T)
+    batch, seq = mask.shape
+    per_layer = []
+    for probs in trace.probabilities:
+        probs = probs.detach().reshape(batch, seq, -1)  # (B, T, S)
+        summed = torch.einsum("bts,bt->bs", probs, mask)
+        per_layer.append(summed / mask.sum(dim=1, keepdim=True).clamp_min(1.0))
+    return torch.stack(per_layer)  # (L, B, S)
+
+
+def load_balancing_loss(trace: RoutingTrace, attention_mask: torch.Tensor, num_experts: int
+                        ) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss S * sum_e f_e * P_e, averaged over MoE layers.
+
+    f_e: share of the real tokens' routing slots sent to e; P_e: mean router probability.
+    """
+    real = token_mask(attention_mask)
+    losses = []
+    for probs, index in zip(trace.probabilities, trace.top_k_index):
+        probs, index = probs[real], index[real]  # (N, S), (N, k)
+        counts = torch.zeros(num_experts, device=probs.device)
+        valid = index[index < num_experts]
+        counts.index_add_(0, valid, torch.ones_like(valid, dtype=counts.dtype))
+        share = counts / counts.sum().clamp_min(1.0)
+        losses.append(num_experts * torch.sum(share * probs.mean(dim=0)))
+    return torch.stack(losses).mean()
+
+
+def _experts_with_gradient(adapter: MoEAdapter) -> torch.Tensor:
+    g = adapter.geometry
+    has_grad = torch.zeros(g.num_layers, g.num_experts, dtype=torch.bool)
+    for layer in range(g.num_layers):
+        for expert in range(g.num_experts):
+            params = adapter.expert_parameters(layer, expert).values()
+            has_grad[layer, expert] = any(p.grad is not None for p in params)
+    return has_grad
+
+
+def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def train_locally(
+    adapter: MoEAdapter,
+    trainable: list[torch.nn.Parameter],
+    data: TokenizedSet,
+    settings: LocalTrainingSettings,
+    selector: ExpertSelector | None = None,
+) -> LocalTrainingResult:
+    """Run ``settings.local_steps`` optimizer steps on ``data``; see the module docstring."""
+    model, geometry = adapter.model, adapter.geometry
+    device = next(model.parameters()).device
+    generator = torch.Generator().manual_seed(settings.seed)
+    torch.manual_seed(settings.seed)  # dropout
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    meter = SavedActivationMeter()
+    stream: Iterator[dict[str, torch.Tensor]] = batches(data, settings.batch_size, generator)
+    trained = torch.zeros(geometry.num_layers, geometry.num_experts, dtype=torch.bool)
+    usage_sum = torch.zeros(geometry.num_layers, geometry.num_experts)
+    samples, losses, step_seconds, max_active, peak_grad = 0, [], [], 0, 0
+    model.train()
+    for _ in range(settings.local_steps):
+        batch = _to_device(next(stream), device)
+        start = time.perf_counter()
+        with meter.measure(), adapter.trace_routing() as trace, \
+                adapter.deferred_expert_backward() as plan:
+            logits = model(batch["input_ids"], batch["attention_mask"])  # (B, C)
+            task_loss = F.cross_entropy(logits, batch["labels"])
+            loss = task_loss
+            if settings.aux_loss_coef > 0:
+                aux = load_balancing_loss(trace, batch["attention_mask"], geometry.num_experts)
+                loss = loss + settings.aux_loss_coef * aux
+            plan.active = None if selector is None else selector(trace, batch["attention_mask"])
+        loss.backward()
+        active_now = _experts_with_gradient(adapter)  # measured, not planned
+        peak_grad = max(peak_grad, gradient_bytes(trainable))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step_seconds.append(time.perf_counter() - start)
+        trained |= active_now
+        max_active = max(max_active, int(active_now.sum()))
+        usage_sum += sample_probabilities(trace, batch["attention_mask"].cpu()).sum(dim=1).cpu()
+        samples += int(batch["labels"].shape[0])
+        losses.append(float(task_loss.detach()))
+    model.eval()
+    params = list(model.parameters())
+    memory = tensor_bytes(params) + peak_grad + optimizer_state_bytes(optimizer) + meter.peak_bytes
+    if device.type == "cuda":
+        memory = torch.cuda.max_memory_allocated(device)
+    return LocalTrainingResult(
+        num_examples=len(data),
+        train_loss=sum(losses) / len(losses),
+        trained_experts=trained,
+        usage=usage_sum / max(samples, 1),
+        max_active_experts_per_batch=max_active,
+        peak_memory_bytes=int(memory),
+        mean_step_seconds=sum(step_seconds) / len(step_seconds),
+    )
+
+
+@torch.no_grad()
+def evaluate(adapter: MoEAdapter, data: TokenizedSet, batch_size: int) -> tuple[float, float]:
+    """(accuracy, mean cross-entropy) of the model on ``data``."""
+    model = adapter.model
+    device = next(model.parameters()).device
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for batch in eval_batches(data, batch_size):
+        batch = _to_device(batch, device)
+        logits = model(batch["input_ids"], batch["attention_mask"])
+        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+    return correct / len(data), loss_sum / len(data)
