@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "applied after --config files)")
     run.add_argument("--out", metavar="DIR",
                      help="output directory (same as --set out=DIR; default runs/default)")
+    run.add_argument("--verbose", action="store_true",
+                     help="also show Flower's own log (INFO level)")
     return parser
 
 
@@ -61,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = resolve_config(args)
         from hfedmoe.runner import run_experiment
 
-        summary = run_experiment(config)
+        summary = run_experiment(config, verbose=args.verbose)
     except (ConfigError, DataError, UnsupportedModelError) as exc:
         print(f"hfedmoe: error: {exc}", file=sys.stderr)
         return 2

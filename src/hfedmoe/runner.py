@@ -9,6 +9,7 @@ and reads the same keys from the run config.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -25,15 +26,21 @@ OFFLINE_ENV = {
 }
 
 
-def prepare_environment() -> None:
-    """Offline, quiet defaults for this process and its children (user settings win)."""
+def prepare_environment(verbose: bool = False) -> None:
+    """Offline, quiet defaults for this process and its children (user settings win).
+
+    Flower's own INFO log is silenced unless ``verbose``: the progress display reports rounds.
+    """
     for key, value in OFFLINE_ENV.items():
         os.environ.setdefault(key, value)
+    from flwr.common.logger import update_console_handler
+
+    update_console_handler(level=logging.INFO if verbose else logging.WARNING)
 
 
-def run_experiment(config: RunConfig) -> dict:
+def run_experiment(config: RunConfig, verbose: bool = False) -> dict:
     """Run ``config`` to completion on its runtime; returns the summary (also in summary.json)."""
-    prepare_environment()
+    prepare_environment(verbose)
     if config.simulation.runtime == "inprocess":
         return _run_inprocess(config)
     return _run_ray(config)
@@ -51,6 +58,7 @@ def _run_inprocess(config: RunConfig) -> dict:
 
 
 def _run_ray(config: RunConfig) -> dict:
+    # Ray workers inherit this process's environment (prepare_environment ran above).
     from flwr.simulation import run_simulation
 
     from hfedmoe.federation.client_app import app as client_app
@@ -58,7 +66,6 @@ def _run_ray(config: RunConfig) -> dict:
 
     summary_file = Path(config.out) / "summary.json"
     summary_file.unlink(missing_ok=True)
-    env = {k: os.environ[k] for k in OFFLINE_ENV}
     run_simulation(
         server_app=make_server_app(config.to_flat()),
         client_app=client_app,
@@ -66,8 +73,7 @@ def _run_ray(config: RunConfig) -> dict:
         backend_config={
             "client_resources": {"num_cpus": config.simulation.client_cpus, "num_gpus": 0.0},
             "init_args": {"num_cpus": max(os.cpu_count() or 1, config.simulation.client_cpus),
-                          "include_dashboard": False, "log_to_driver": True,
-                          "runtime_env": {"env_vars": env}},
+                          "include_dashboard": False},
         },
     )
     if not summary_file.is_file():

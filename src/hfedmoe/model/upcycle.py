@@ -14,6 +14,8 @@ See docs/upcycling.md for the split and router-initialisation choices and measur
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import nn
 from transformers import BertModel
@@ -98,22 +100,29 @@ def contiguous_neuron_groups(intermediate_size: int, num_experts: int) -> torch.
 
 
 def _balanced_assignment(scores: torch.Tensor, capacity: int) -> torch.Tensor:
-    """Greedy: best remaining (neuron, expert) score first, each expert takes ``capacity``.
+    """Assign each neuron to one expert, ``capacity`` neurons per expert, by score.
 
-    ``scores`` (I, S) -> groups (S, capacity) int64, each row sorted. Deterministic.
+    Rounds of proposals: every unassigned neuron proposes to its best expert that is not
+    full; an expert keeps its highest-scoring proposals up to its free capacity. Each round
+    fills at least one expert or assigns everyone, so at most S rounds. ``scores`` (I, S)
+    -> groups (S, capacity) int64, rows sorted. Deterministic (stable sorts).
     """
     num_neurons, num_experts = scores.shape
-    order = scores.flatten().argsort(descending=True, stable=True).tolist()
-    owner, filled, left = [-1] * num_neurons, [0] * num_experts, num_neurons
-    for flat in order:
-        neuron, expert = divmod(flat, num_experts)
-        if owner[neuron] >= 0 or filled[expert] == capacity:
-            continue
-        owner[neuron], filled[expert], left = expert, filled[expert] + 1, left - 1
-        if left == 0:
+    owner = torch.full((num_neurons,), -1, dtype=torch.long)  # (I,)
+    filled = [0] * num_experts
+    for _ in range(num_experts):
+        unassigned = owner < 0  # (I,)
+        if not unassigned.any():
             break
-    owner_t = torch.tensor(owner)  # (I,)
-    return torch.stack([torch.nonzero(owner_t == e).flatten() for e in range(num_experts)])
+        full = torch.tensor([count == capacity for count in filled])  # (S,)
+        choice = scores.masked_fill(full, float("-inf")).argmax(dim=1)  # (I,)
+        for expert in range(num_experts):
+            proposals = torch.nonzero(unassigned & (choice == expert)).flatten()
+            order = scores[proposals, expert].argsort(descending=True, stable=True)
+            accepted = proposals[order[: capacity - filled[expert]]]
+            owner[accepted] = expert
+            filled[expert] += len(accepted)
+    return torch.stack([torch.nonzero(owner == e).flatten() for e in range(num_experts)])
 
 
 def clustered_neuron_groups(
@@ -136,13 +145,45 @@ def clustered_neuron_groups(
     return groups
 
 
-def router_weight_from_groups(up_weight: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
-    """Router row e = the unit-normalised mean input weight of expert e's neurons. (S, H).
+def ffn_input_means(
+    bert: BertModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> list[torch.Tensor]:
+    """Mean FFN input (attention output) of each layer over the non-padding tokens. [(H,)]
 
-    Normalising removes the per-expert scale that made the un-normalised mean ("naive"
-    init) send most tokens to a few experts; see docs/upcycling.md for measurements.
+    Runs one no-grad forward pass of ``bert`` (still dense) in eval mode; the train/eval
+    mode is restored afterwards.
+    """
+    captured: list[torch.Tensor] = []
+    hooks = [
+        layer.intermediate.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        for layer in bert.encoder.layer
+    ]
+    was_training = bert.training
+    try:
+        with torch.no_grad():
+            bert.eval()(input_ids=input_ids, attention_mask=attention_mask)
+    finally:
+        bert.train(was_training)
+        for hook in hooks:
+            hook.remove()
+    keep = attention_mask.bool()  # (B, T)
+    return [hidden[keep].float().mean(dim=0) for hidden in captured]  # each (H,)
+
+
+def router_weight_from_groups(
+    up_weight: torch.Tensor, groups: torch.Tensor, input_mean: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Router row e = expert e's mean input weight, de-biased and unit-normalised. (S, H).
+
+    FFN inputs share a large common component ``input_mean``; its dot product with the
+    un-normalised mean rows (the "naive" init) is a per-expert constant that sends most
+    tokens to a few experts. Removing the rows' component along ``input_mean`` (when given)
+    and normalising them leaves routing to the token-specific part of the input.
     """
     rows = up_weight.detach().float()[groups].mean(dim=1)  # (S, H)
+    if input_mean is not None:
+        direction = nn.functional.normalize(input_mean.float(), dim=0)  # (H,)
+        rows = rows - (rows @ direction)[:, None] * direction
     return nn.functional.normalize(rows, dim=1)
 
 
@@ -186,12 +227,18 @@ def upcycle_layer(
     return moe
 
 
-def upcycle_bert(bert: BertModel, num_experts: int, top_k: int) -> list[UpcycledMoE]:
+def upcycle_bert(
+    bert: BertModel,
+    num_experts: int,
+    top_k: int,
+    calibration: Mapping[str, torch.Tensor] | None = None,
+) -> list[UpcycledMoE]:
     """Convert every FFN of ``bert`` into an MoE in place; return the MoE blocks by layer.
 
-    Split: :func:`clustered_neuron_groups`; router: :func:`router_weight_from_groups`.
-    Parameter names per layer: ``intermediate.gate.weight``,
-    ``intermediate.experts.experts.{e}.up.{weight,bias}``,
+    Split: :func:`clustered_neuron_groups`; router: :func:`router_weight_from_groups`, with
+    the mean FFN inputs measured on ``calibration`` (``input_ids``/``attention_mask`` of a
+    few real texts) when given, else data-free. Parameter names per layer:
+    ``intermediate.gate.weight``, ``intermediate.experts.experts.{e}.up.{weight,bias}``,
     ``intermediate.experts.experts.{e}.down.weight`` and ``output.dense.bias`` (b2, the
     dense model's name). Deterministic: no randomness is used.
     """
@@ -200,13 +247,18 @@ def upcycle_bert(bert: BertModel, num_experts: int, top_k: int) -> list[Upcycled
         raise ValueError(f"hidden_act must be a named activation, got {config.hidden_act!r}")
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in 1..{num_experts} (num_experts), got {top_k}")
-    blocks = []
-    for layer_index, layer in enumerate(bert.encoder.layer):
+    layers = list(bert.encoder.layer)
+    for layer_index, layer in enumerate(layers):
         if isinstance(layer.intermediate, UpcycledMoE):
             raise ValueError(f"layer {layer_index} is already upcycled")
+    means: list[torch.Tensor | None] = [None] * len(layers)
+    if calibration is not None:
+        means = ffn_input_means(bert, calibration["input_ids"], calibration["attention_mask"])
+    blocks = []
+    for layer_index, (layer, mean) in enumerate(zip(layers, means)):
         up_weight = layer.intermediate.dense.weight
         groups = clustered_neuron_groups(up_weight, num_experts)
-        router_weight = router_weight_from_groups(up_weight, groups)
+        router_weight = router_weight_from_groups(up_weight, groups, mean)
         blocks.append(
             upcycle_layer(layer, layer_index, groups, router_weight, top_k, config.hidden_act)
         )
