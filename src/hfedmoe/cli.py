@@ -56,15 +56,16 @@ def resolve_config(args: argparse.Namespace):
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from hfedmoe.runner import prepare_environment, run_experiment
+
+    prepare_environment(args.verbose)  # before transformers is imported: it reads the env once
     from hfedmoe.data import DataError
-    from hfedmoe.model import UnsupportedModelError
+    from hfedmoe.model import ModelNotFoundError, UnsupportedModelError
 
     try:
         config = resolve_config(args)
-        from hfedmoe.runner import run_experiment
-
         summary = run_experiment(config, verbose=args.verbose)
-    except (ConfigError, DataError, UnsupportedModelError) as exc:
+    except (ConfigError, DataError, UnsupportedModelError, ModelNotFoundError) as exc:
         print(f"hfedmoe: error: {exc}", file=sys.stderr)
         return 2
     print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
