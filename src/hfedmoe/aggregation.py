@@ -33,6 +33,7 @@ class ClientUpdate:
     usage: torch.Tensor  # (L, S) u_c(e), Eq. 16
     metrics: Mapping[str, float]
     importance: torch.Tensor | None = None  # (L, S) round-mean s^c(e) (Eq. 19); HFedMoE only
+    trained: torch.Tensor | None = None  # (L, S) bool: experts that got a gradient this round
 
 
 def weighted_average(

@@ -186,16 +186,35 @@ def parse_profile(text: str) -> DeviceProfile:
                    relative_speed=overrides.get("speed", base.relative_speed))
 
 
-BudgetEntry = int | str | DeviceProfile  # direct budget | ALL | profile
+@dataclass(frozen=True)
+class ExpertShare:
+    """A budget given as a share of all experts ("25%": a quarter of every layer's experts,
+    i.e. 2/8 of a layer-equivalent when S = 8)."""
+
+    fraction: float  # in (0, 1]
+
+    def experts(self, total_experts: int) -> int:
+        return max(1, min(total_experts, round(self.fraction * total_experts)))
+
+
+BudgetEntry = int | str | ExpertShare | DeviceProfile  # direct | ALL | share | profile
 
 
 def parse_budget_entry(entry: str) -> BudgetEntry:
-    """One entry of a spec string: an int >= 1, ``ALL``, or a DeviceProfile."""
+    """One entry of a spec string: an int >= 1, ``ALL``, a share "P%", or a DeviceProfile."""
     entry = entry.strip()
     if not entry:
         raise ValueError("empty entry in budget spec")
     if entry.lower() == ALL:
         return ALL
+    if entry.endswith("%"):
+        try:
+            percent = float(entry[:-1])
+        except ValueError:
+            raise ValueError(f"'{entry}' is not a percentage") from None
+        if not 0 < percent <= 100:
+            raise ValueError(f"a share must be in (0%, 100%], got {entry}")
+        return ExpertShare(percent / 100)
     if re.fullmatch(r"[+-]?\d+", entry):
         if int(entry) < 1:
             raise ValueError(f"budget must be >= 1, got {entry}")
@@ -235,6 +254,8 @@ def resolve_budget(spec: str, client_id: int, node_spec: str | int | None = None
         return total_experts
     if isinstance(entry, int):
         return min(entry, total_experts)
+    if isinstance(entry, ExpertShare):
+        return entry.experts(total_experts)
     if cost is None:
         raise ValueError(f"budget spec '{chosen}': device profile '{entry.name}' needs a cost "
                          "model (ExpertCost) to become a budget")

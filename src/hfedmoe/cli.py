@@ -32,17 +32,39 @@ def build_parser() -> argparse.ArgumentParser:
                     "output directory.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    run.add_argument("--config", metavar="FILE", action="append", default=[],
-                     help="TOML experiment file overriding the defaults (tables allowed, e.g. "
-                          "[model] name = ...); repeat to layer several files, later wins")
-    run.add_argument("--set", metavar="KEY=VALUE", action="append", default=[], dest="overrides",
-                     help="override one config key, e.g. --set train.lr=1e-3 (repeatable; "
-                          "applied after --config files)")
+    _add_config_options(run)
     run.add_argument("--out", metavar="DIR",
                      help="output directory (same as --set out=DIR; default runs/default)")
     run.add_argument("--verbose", action="store_true",
                      help="also show Flower's own log (INFO level)")
+    bench = commands.add_parser(
+        "bench", help="measure what expert budgets save",
+        description="Benchmarks that print measured figures.")
+    benches = bench.add_subparsers(dest="bench", required=True)
+    step = benches.add_parser(
+        "step", help="step time and peak memory at several budgets vs full training",
+        description="Train client 0 of the configured run for a few local steps at full "
+                    "training and under HFedMoE at each budget, interleaved over repeats in "
+                    "one process; print median step time and peak training memory as ratios "
+                    "to full training.")
+    _add_config_options(step)
+    step.add_argument("--budgets", default="6,12,24,48", metavar="LIST",
+                      help="comma-separated budgets (experts over all layers); default 6,12,24,48")
+    step.add_argument("--steps", type=int, default=5, help="local steps per measurement")
+    step.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
+    step.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
+    step.add_argument("--out", metavar="DIR", help=argparse.SUPPRESS)
     return parser
+
+
+def _add_config_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--config", metavar="FILE", action="append", default=[],
+                         help="TOML experiment file overriding the defaults (tables allowed, "
+                              "e.g. [model] name = ...); repeat to layer several, later wins")
+    command.add_argument("--set", metavar="KEY=VALUE", action="append", default=[],
+                         dest="overrides",
+                         help="override one config key, e.g. --set train.lr=1e-3 (repeatable; "
+                              "applied after --config files)")
 
 
 def resolve_config(args: argparse.Namespace):
@@ -64,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = resolve_config(args)
+        if args.command == "bench":
+            return _bench_step(config, args)
         summary = run_experiment(config, verbose=args.verbose)
     except (ConfigError, DataError, UnsupportedModelError, ModelNotFoundError) as exc:
         print(f"hfedmoe: error: {exc}", file=sys.stderr)
@@ -71,6 +95,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
           f"after {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s; "
           f"outputs in {config.out}")
+    return 0
+
+
+def _bench_step(config, args: argparse.Namespace) -> int:
+    import torch
+
+    from hfedmoe.bench import bench_step, format_rows
+
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        raise ConfigError(f"--budgets '{args.budgets}': expected integers like 6,12,24") from None
+    if args.steps < 1 or args.repeats < 1 or min(budgets) < 1:
+        raise ConfigError("--steps, --repeats and every budget must be >= 1")
+    torch.set_num_threads(config.simulation.client_cpus)
+    print(f"model {config.model.name}, batch {config.train.batch_size} x "
+          f"{config.model.max_length} tokens, {args.steps} steps x {args.repeats} repeats, "
+          f"{torch.get_num_threads()} torch threads")
+    print(format_rows(bench_step(config, budgets, args.steps, args.repeats)))
     return 0
 
 

@@ -13,17 +13,19 @@ from typing import Mapping
 import torch
 
 from hfedmoe.config import RunConfig
+from hfedmoe.costs import client_budget
 from hfedmoe.data import client_train_set, load_corpus, tokenize
 from hfedmoe.data.tokenize import TokenizedSet
 from hfedmoe.model import load_adapter, load_tokenizer
 from hfedmoe.model.adapter import MoEAdapter
 from hfedmoe.model.state import read_state, set_trainable, write_state
-from hfedmoe.strategies import ClientPlan, method_for
+from hfedmoe.strategies import method_for
 from hfedmoe.training import LocalTrainingResult, LocalTrainingSettings, train_locally
 
 
 @dataclass(frozen=True)
 class ClientRound:
+    budget_experts: int  # C_budget(c) this client resolved
     upload: dict[str, torch.Tensor]
     result: LocalTrainingResult
 
@@ -45,14 +47,20 @@ def client_data(config: RunConfig, partition_id: int) -> tuple[TokenizedSet, int
     return tokenize(train_set, tokenizer, config.model.max_length), len(corpus.label_names)
 
 
-def run_client_round(config: RunConfig, partition_id: int, server_round: int, plan: ClientPlan,
-                     global_state: Mapping[str, torch.Tensor]) -> ClientRound:
-    """Load the global state, train locally under ``plan``, return what to upload."""
+def run_client_round(config: RunConfig, partition_id: int, server_round: int,
+                     global_state: Mapping[str, torch.Tensor],
+                     node_budget: str | int | None = None) -> ClientRound:
+    """Load the global state, train locally under this client's budget, return the upload.
+
+    ``node_budget``: the SuperNode's ``budget`` node-config value (deployment); it wins over
+    the run config's ``budget.experts``.
+    """
     data, num_labels = client_data(config, partition_id)
     adapter = build_model(config, num_labels)
     params = set_trainable(adapter, config.model.trainable_non_expert)
     write_state(params, global_state)
-    method = method_for(config.method)
+    budget = client_budget(adapter, config, partition_id, node_budget)
+    method = method_for(config)
     settings = LocalTrainingSettings(
         local_steps=config.train.local_steps,
         batch_size=config.train.batch_size,
@@ -62,6 +70,6 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int, pl
         seed=round_seed(config.seed, server_round, partition_id),
     )
     result = train_locally(adapter, list(params.values()), data, settings,
-                           method.selector(plan, adapter.geometry))
+                           method.selector(budget, adapter.geometry))
     upload = method.upload(read_state(params), result)
-    return ClientRound(upload=upload, result=result)
+    return ClientRound(budget_experts=budget, upload=upload, result=result)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass
 from importlib import resources
@@ -21,7 +22,7 @@ from typing import Any, Mapping
 
 Scalar = bool | int | float | str
 
-METHODS = ("fedavg",)
+METHODS = ("hfedmoe", "fedavg")
 DATA_SOURCES = ("bbc-news", "file", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 TRAINABLE_NON_EXPERT = ("head", "all")
@@ -185,6 +186,36 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class BudgetConfig:
+    experts: str  # budget spec string, parsed by hfedmoe.budget (validated here)
+    per_layer: int  # 0 = no per-layer cap
+
+    def __post_init__(self) -> None:
+        from hfedmoe.budget import parse_budget_spec
+
+        try:
+            parse_budget_spec(self.experts)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'budget.experts' = {self.experts!r} is invalid: {exc}"
+                              ) from None
+        _require(self.per_layer >= 0, "budget.per-layer", self.per_layer,
+                 "an integer >= 0 (0 = no per-layer cap)")
+
+
+@dataclass(frozen=True)
+class HFedMoEConfig:
+    lambda_: float  # key "lambda" (a Python keyword)
+    beta: float
+    tau: float
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.lambda_ <= 1, "hfedmoe.lambda", self.lambda_, "a number in [0, 1]")
+        _require(self.beta >= 0 and math.isfinite(self.beta), "hfedmoe.beta", self.beta,
+                 "a finite number >= 0")
+        _require(0 <= self.tau <= 1, "hfedmoe.tau", self.tau, "a number in [0, 1]")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     runtime: str
     client_cpus: int
@@ -203,6 +234,8 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    budget: BudgetConfig
+    hfedmoe: HFedMoEConfig
     simulation: SimulationConfig
 
     def __post_init__(self) -> None:
@@ -225,7 +258,7 @@ class RunConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "simulation": SimulationConfig}
+             "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "simulation": SimulationConfig}
 
 
 def parse_run_config(*layers: Mapping[str, Scalar]) -> RunConfig:
@@ -240,7 +273,7 @@ def parse_run_config(*layers: Mapping[str, Scalar]) -> RunConfig:
 
 
 def _key(field_name: str) -> str:
-    return field_name.replace("_", "-")
+    return field_name.rstrip("_").replace("_", "-")
 
 
 def _require(ok: bool, key: str, value: object, allowed: str) -> None:

@@ -7,6 +7,7 @@ A run directory holds::
     summary.json    :func:`build_summary` of all records, written by :meth:`RunRecorder.finish`
     accuracy.png    test accuracy per round
     loss.png        test loss per round, and the mean train loss of the round when present
+    experts.png     heatmap: in how many rounds each client trained each expert
 
 The round record (produced by the federation code, one per evaluated round)::
 
@@ -36,23 +37,21 @@ from __future__ import annotations
 
 import json
 import math
-import numbers
 import os
 import re
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Mapping, Sequence
 
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-
 from hfedmoe.config import RunConfig, Scalar
+from hfedmoe.plots import is_finite_number, plot_accuracy, plot_expert_heatmap, plot_loss
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 ACCURACY_PLOT = "accuracy.png"
 LOSS_PLOT = "loss.png"
+EXPERTS_PLOT = "experts.png"
 
 RECORD_KEYS = ("round", "accuracy", "loss", "train_loss", "bytes_up", "bytes_down",
                "round_seconds", "elapsed_seconds", "clients", "failures")
@@ -90,7 +89,7 @@ class RunRecorder:
         self._records.append(json.loads(line))  # exactly what is on disk, not an alias
 
     def finish(self, wall_seconds: float) -> dict[str, Any]:
-        """Write summary.json, accuracy.png and loss.png; return the summary.
+        """Write summary.json and the plots; return the summary.
 
         Raises ValueError if no round was recorded.
         """
@@ -99,6 +98,7 @@ class RunRecorder:
         _write_atomic(self.out_dir / SUMMARY_FILE, text)
         plot_accuracy(self._records, self.out_dir / ACCURACY_PLOT)
         plot_loss(self._records, self.out_dir / LOSS_PLOT)
+        plot_expert_heatmap(self._records, self.out_dir / EXPERTS_PLOT)
         return summary
 
 
@@ -160,7 +160,8 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
         check_record(record)
     by_round = _index_by_round(rounds)
     last = max(by_round)
-    accuracies = {r: rec["accuracy"] for r, rec in by_round.items() if _is_finite(rec["accuracy"])}
+    accuracies = {r: rec["accuracy"] for r, rec in by_round.items()
+                  if is_finite_number(rec["accuracy"])}
     best_round = max(sorted(accuracies), key=lambda r: accuracies[r]) if accuracies else None
     return {
         "method": method,
@@ -222,46 +223,6 @@ def _by_round(by_round: Mapping[int, Mapping[str, Any]], last: int, key: str) ->
     return [by_round[r][key] if r in by_round else None for r in range(last + 1)]
 
 
-def _is_finite(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# ---- plots (Agg canvas, no pyplot state, no display) ------------------------------------
-
-def plot_accuracy(rounds: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Write a PNG of test accuracy against round number."""
-    _save_line_plot(path, "Test accuracy", "accuracy",
-                    {"test accuracy": _series(rounds, "accuracy")})
-
-
-def plot_loss(rounds: Sequence[Mapping[str, Any]], path: Path) -> None:
-    """Write a PNG of test loss, and train loss where recorded, against round number."""
-    series = {"test loss": _series(rounds, "loss"), "train loss": _series(rounds, "train_loss")}
-    _save_line_plot(path, "Loss", "loss", series)
-
-
-def _series(rounds: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], list[float]]:
-    points = sorted((rec["round"], rec[key]) for rec in rounds if _is_finite(rec.get(key)))
-    return [r for r, _ in points], [v for _, v in points]
-
-
-def _save_line_plot(path: Path, title: str, ylabel: str,
-                    series: Mapping[str, tuple[list[int], list[float]]]) -> None:
-    figure = Figure(figsize=(6.0, 4.0), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    for label, (xs, ys) in series.items():
-        if xs:
-            axes.plot(xs, ys, marker="o", label=label)
-    axes.set_title(title)
-    axes.set_xlabel("round")
-    axes.set_ylabel(ylabel)
-    axes.xaxis.get_major_locator().set_params(integer=True)
-    axes.grid(True, alpha=0.3)
-    if any(xs for xs, _ in series.values()):
-        axes.legend()
-    figure.tight_layout()
-    figure.savefig(path, format="png")
 
 
 # ---- config.toml ------------------------------------------------------------------------

@@ -24,9 +24,10 @@ from hfedmoe.measurement import (
     tensor_bytes,
 )
 from hfedmoe.model.adapter import MoEAdapter, RoutingTrace
+from hfedmoe.selection import BatchSelection
 
-# selector(trace, attention_mask (B,T)) -> (L, S) bool active experts, or None for "all routed".
-ExpertSelector = Callable[[RoutingTrace, torch.Tensor], torch.Tensor | None]
+# selector(trace, attention_mask (B,T)) -> the batch's active experts and importance (Eq. 15).
+ExpertSelector = Callable[[RoutingTrace, torch.Tensor], BatchSelection]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,7 @@ class LocalTrainingResult:
     train_loss: float  # mean task loss over the local steps
     trained_experts: torch.Tensor  # (L, S) bool: received a gradient in at least one batch
     usage: torch.Tensor  # (L, S) u_c(e): mean router probability per sample (Eq. 16)
+    importance: torch.Tensor | None  # (L, S) s^c(e): batch importance averaged over the round
     max_active_experts_per_batch: int  # max over batches of experts with a gradient
     peak_memory_bytes: int  # see hfedmoe.measurement
     mean_step_seconds: float
@@ -119,6 +121,7 @@ def train_locally(
     stream: Iterator[dict[str, torch.Tensor]] = batches(data, settings.batch_size, generator)
     trained = torch.zeros(geometry.num_layers, geometry.num_experts, dtype=torch.bool)
     usage_sum = torch.zeros(geometry.num_layers, geometry.num_experts)
+    importance_sum = torch.zeros(geometry.num_layers, geometry.num_experts)
     samples, losses, step_seconds, max_active, peak_grad = 0, [], [], 0, 0
     model.train()
     for _ in range(settings.local_steps):
@@ -132,7 +135,10 @@ def train_locally(
             if settings.aux_loss_coef > 0:
                 aux = load_balancing_loss(trace, batch["attention_mask"], geometry.num_experts)
                 loss = loss + settings.aux_loss_coef * aux
-            plan.active = None if selector is None else selector(trace, batch["attention_mask"])
+            if selector is not None:
+                selection = selector(trace, batch["attention_mask"])
+                plan.active = selection.active
+                importance_sum += selection.importance.cpu()
         loss.backward()
         active_now = _experts_with_gradient(adapter)  # measured, not planned
         peak_grad = max(peak_grad, gradient_bytes(trainable))
@@ -154,6 +160,7 @@ def train_locally(
         train_loss=sum(losses) / len(losses),
         trained_experts=trained,
         usage=usage_sum / max(samples, 1),
+        importance=None if selector is None else importance_sum / settings.local_steps,
         max_active_experts_per_batch=max_active,
         peak_memory_bytes=int(memory),
         mean_step_seconds=sum(step_seconds) / len(step_seconds),

@@ -12,7 +12,8 @@ TINY = "conf/tiny.toml"
 
 
 def _config(tmp_path, **overrides):
-    flat = {"out": str(tmp_path / "run"), **overrides}
+    flat = {"out": str(tmp_path / "run"), "method": "fedavg", "budget.experts": "all",
+            **overrides}
     return parse_run_config(load_config_file(TINY), flat)
 
 

@@ -83,7 +83,7 @@ def test_flwr_run_against_a_simulation_superlink(tmp_path):
         assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"] == 2 and len(summary["clients"]) == 3
-        assert summary["method"] == "fedavg"
+        assert summary["method"] == "hfedmoe"
     finally:
         os.killpg(superlink.pid, signal.SIGTERM)
         try:

@@ -143,3 +143,14 @@ def test_resolve_budget_cycles_clips_and_node_config_wins():
         resolve_budget("phone", 0, total_experts=48)
     with pytest.raises(ValueError, match="client_id"):
         resolve_budget("2", -1, total_experts=48)
+
+
+def test_share_entries_are_shares_of_all_experts():
+    from hfedmoe.budget import resolve_budget
+
+    spec = "25%,50%,100%"
+    assert [resolve_budget(spec, c, total_experts=48) for c in range(4)] == [12, 24, 48, 12]
+    assert resolve_budget("1%", 0, total_experts=48) == 1  # never below one expert
+    for bad in ("0%", "150%", "x%"):
+        with pytest.raises(ValueError, match="budget spec"):
+            resolve_budget(bad, 0, total_experts=48)

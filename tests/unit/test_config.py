@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_pyproject_app_config_mirrors_defaults():
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    assert _flatten(pyproject["tool"]["flwr"]["app"]["config"]) == default_flat_config()
+    table = pyproject["tool"]["flwr"]["app"]["config"]
+    assert _flatten(table) == default_flat_config(), "run tools/sync_app_config.py"
 
 
 def test_contract_keys_exist_with_these_names():
@@ -46,7 +47,7 @@ def test_later_layers_win_and_ints_become_floats():
         ({"num-server-rounds": 0}, "'num-server-rounds' = 0"),
         ({"data.dirichlet-alpha": 0.0}, "'data.dirichlet-alpha' = 0.0"),
         ({"data.dirichlet-alpha": -1.0}, "expected a number > 0"),
-        ({"method": "fedsgd"}, "one of 'fedavg'"),
+        ({"method": "fedsgd"}, "one of 'hfedmoe', 'fedavg'"),
         ({"model.top-k": 9}, "'model.top-k' = 9"),
         ({"data.partition": "random"}, "'data.partition'"),
         ({"train.batch-size": "big"}, "expected an integer"),

@@ -67,6 +67,15 @@ def _hidden(model: nn.Module, batch, n: int = 6) -> torch.Tensor:
         return model(**{k: v[:n] for k, v in batch.items()}).last_hidden_state
 
 
+def _dense_neurons(rows: torch.Tensor, w1: torch.Tensor) -> torch.Tensor:
+    """Index in the dense W1 (I, H) of each row of ``rows`` (m, H), verified to be exact."""
+    probe = torch.randn(w1.shape[1], dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    keys = w1.double() @ probe  # (I,)
+    neurons = ((rows.double() @ probe)[:, None] - keys[None]).abs().argmin(dim=1)  # (m,)
+    assert torch.equal(rows, w1[neurons])
+    return neurons
+
+
 def _zero_routers(blocks: list[UpcycledMoE]) -> None:
     with torch.no_grad():
         for block in blocks:
@@ -105,10 +114,7 @@ def test_each_expert_is_an_exact_slice_of_the_dense_ffn(dense):
         for expert in block.experts.experts:
             assert expert.up.weight.shape == (INTERMEDIATE // 8, HIDDEN)
             assert expert.down.bias is None
-            # Locate every expert row among the dense rows by exact equality.
-            match = (expert.up.weight[:, None, :] == w1[None]).all(-1)  # (m, I)
-            assert (match.sum(1) == 1).all()
-            neurons = match.float().argmax(1)
+            neurons = _dense_neurons(expert.up.weight, w1)  # located by exact equality
             assert torch.equal(expert.up.bias, b1[neurons])
             assert torch.equal(expert.down.weight, w2[:, neurons])
             seen.append(neurons)
@@ -159,8 +165,7 @@ def test_top_k_routing_matches_a_manual_mixture_of_dense_slices(dense, batch):
         gates = 2 * torch.softmax(top.values, dim=0)
         expected = torch.zeros(HIDDEN)
         for gate, e in zip(gates, top.indices):
-            rows = (block.experts.experts[e].up.weight[:, None] == w1[None]).all(-1).float()
-            neurons = rows.argmax(1)  # which dense neurons expert e holds
+            neurons = _dense_neurons(block.experts.experts[e].up.weight, w1)
             act = nn.functional.gelu(w1[neurons] @ hidden[0, t] + b1[neurons])
             expected += gate * (w2[:, neurons] @ act)
         torch.testing.assert_close(out[t], expected, atol=1e-5, rtol=1e-5)

@@ -19,8 +19,8 @@ def train(msg: Message, context: Context) -> Message:
     config = parse_run_config(instruction.run_config)
     partition_id = int(context.node_config["partition-id"])
     torch.set_num_threads(config.simulation.client_cpus)
-    outcome = run_client_round(config, partition_id, instruction.server_round, instruction.plan,
-                               instruction.global_state)
-    content = records.train_reply(partition_id, instruction.plan.budget_experts, outcome.upload,
+    outcome = run_client_round(config, partition_id, instruction.server_round,
+                               instruction.global_state, context.node_config.get("budget"))
+    content = records.train_reply(partition_id, outcome.budget_experts, outcome.upload,
                                   outcome.result)
     return Message(content, reply_to=msg)

@@ -2,14 +2,19 @@
 
 Train instruction (server -> client), message type ``train``:
   ``"global"``  ArrayRecord  - the global trainable tensors, flat keys (hfedmoe.model.state)
-  ``"plan"``    ConfigRecord - ``server-round``, ``budget-experts``, ``run-config`` (the resolved
-                               run configuration as JSON, parsed again by hfedmoe.config)
+  ``"plan"``    ConfigRecord - ``server-round``, ``run-config`` (the resolved run
+                               configuration as JSON, parsed again by hfedmoe.config)
 Train reply (client -> server):
   ``"update"``  ArrayRecord  - the tensors the client uploads (any subset of the global keys)
   ``"metrics"`` MetricRecord - ``num-examples``, ``client-id``, ``train-loss``,
                                ``budget-experts``, ``max-active-experts-per-batch``,
                                ``peak-memory-bytes``, ``mean-step-seconds``
-  ``"routing"`` MetricRecord - ``usage``: u_c(e) flattened row-major from (L, S)
+  ``"routing"`` MetricRecord - flattened row-major from (L, S): ``usage`` u_c(e) (Eq. 16),
+                               ``trained`` (1 = the expert got a gradient this round),
+                               ``importance`` s^c(e) (methods that select experts only)
+
+The client resolves its own budget (from the run config or its node config, one function:
+hfedmoe.budget.resolve_budget) and reports it in ``budget-experts``.
 
 Arrays travel as float32 numpy arrays (Flower's ArrayRecord rejects bfloat16).
 """
@@ -25,7 +30,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hfedmoe.aggregation import ClientUpdate
-from hfedmoe.strategies.base import ClientPlan
 from hfedmoe.training import LocalTrainingResult
 
 GLOBAL, PLAN, UPDATE, METRICS, ROUTING = "global", "plan", "update", "metrics", "routing"
@@ -49,16 +53,14 @@ def record_bytes(record: ArrayRecord) -> int:
 @dataclass(frozen=True)
 class TrainInstruction:
     server_round: int
-    plan: ClientPlan
     run_config: dict  # flat resolved configuration
     global_state: dict[str, torch.Tensor]
 
 
-def train_instruction(server_round: int, plan: ClientPlan, flat_config: Mapping,
-                      global_arrays: ArrayRecord) -> RecordDict:
+def train_instruction(server_round: int, flat_config: Mapping, global_arrays: ArrayRecord
+                      ) -> RecordDict:
     config = ConfigRecord({
         "server-round": server_round,
-        "budget-experts": plan.budget_experts,
         "run-config": json.dumps(dict(flat_config), sort_keys=True),
     })
     return RecordDict({GLOBAL: global_arrays, PLAN: config})
@@ -68,7 +70,6 @@ def parse_train_instruction(content: RecordDict) -> TrainInstruction:
     plan = content.config_records[PLAN]
     return TrainInstruction(
         server_round=int(plan["server-round"]),
-        plan=ClientPlan(budget_experts=int(plan["budget-experts"])),
         run_config=json.loads(str(plan["run-config"])),
         global_state=from_array_record(content.array_records[GLOBAL]),
     )
@@ -85,8 +86,23 @@ def train_reply(client_id: int, budget_experts: int, upload: Mapping[str, torch.
         "peak-memory-bytes": result.peak_memory_bytes,
         "mean-step-seconds": result.mean_step_seconds,
     })
-    routing = MetricRecord({"usage": [float(u) for u in result.usage.reshape(-1)]})
+    routing = {"usage": _flat(result.usage),
+               "trained": [int(t) for t in result.trained_experts.reshape(-1)]}
+    if result.importance is not None:
+        routing["importance"] = _flat(result.importance)
+    routing = MetricRecord(routing)
     return RecordDict({UPDATE: to_array_record(upload), METRICS: metrics, ROUTING: routing})
+
+
+def _flat(matrix: torch.Tensor) -> list[float]:
+    return [float(v) for v in matrix.reshape(-1)]
+
+
+def _matrix(routing: MetricRecord, key: str, shape: tuple[int, int]) -> torch.Tensor:
+    values = torch.tensor(list(routing[key]), dtype=torch.float32)
+    if values.numel() != shape[0] * shape[1]:
+        raise ValueError(f"reply '{key}' has {values.numel()} values, expected {shape}")
+    return values.reshape(shape)
 
 
 def parse_train_reply(content: RecordDict, usage_shape: tuple[int, int]) -> ClientUpdate:
@@ -99,13 +115,17 @@ def parse_train_reply(content: RecordDict, usage_shape: tuple[int, int]) -> Clie
     missing = [k for k in REPLY_METRIC_KEYS if k not in metrics]
     if missing:
         raise ValueError(f"reply metrics lack {', '.join(missing)}")
-    usage = torch.tensor(list(content.metric_records[ROUTING]["usage"]), dtype=torch.float32)
-    if usage.numel() != usage_shape[0] * usage_shape[1]:
-        raise ValueError(f"reply usage has {usage.numel()} values, expected {usage_shape}")
+    routing = content.metric_records[ROUTING]
+    for key in ("usage", "trained"):
+        if key not in routing:
+            raise ValueError(f"reply routing lacks '{key}'")
     return ClientUpdate(
         client_id=int(metrics["client-id"]),
         num_examples=int(metrics["num-examples"]),
         state=from_array_record(content.array_records[UPDATE]),
-        usage=usage.reshape(usage_shape),
+        usage=_matrix(routing, "usage", usage_shape),
         metrics={k: float(metrics[k]) for k in REPLY_METRIC_KEYS},
+        importance=(_matrix(routing, "importance", usage_shape) if "importance" in routing
+                    else None),
+        trained=_matrix(routing, "trained", usage_shape).bool(),
     )

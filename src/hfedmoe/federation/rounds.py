@@ -10,6 +10,8 @@ from __future__ import annotations
 import time
 from typing import Mapping, Protocol, Sequence
 
+import torch
+
 from hfedmoe.aggregation import ClientUpdate
 
 
@@ -22,9 +24,16 @@ class Display(Protocol):
     def round_finished(self, record: dict) -> None: ...
 
 
-def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int) -> dict:
+def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int,
+                 diagnostics: Mapping | None = None) -> dict:
+    """One client's part of a round record; ``diagnostics``: the method's, for this client."""
     m = update.metrics
+    trained = update.trained if update.trained is not None else torch.zeros_like(update.usage)
     return {
+        **(diagnostics or {}),
+        "active_experts_per_layer": [int(n) for n in trained.sum(dim=1)],
+        "trained_experts": [int(t) for t in trained.reshape(-1)],
+        "usage": [round(float(u), 6) for u in update.usage.reshape(-1)],
         "bytes_up": bytes_up,
         "bytes_down": bytes_down,
         "client_id": update.client_id,
@@ -52,9 +61,11 @@ class RoundBook:
 
     def train_finished(self, server_round: int, updates: Sequence[ClientUpdate],
                        failures: list[dict], traffic: Mapping[int, tuple[int, int]],
-                       bytes_down: int) -> None:
+                       bytes_down: int, diagnostics: Mapping | None = None) -> None:
         """``traffic``: client id -> (bytes uploaded, bytes sent to it); ``bytes_down`` also
         counts clients that failed (what was sent to them was spent)."""
+        diagnostics = diagnostics or {}
+        per_client = diagnostics.get("clients", {})
         weights = sum(u.num_examples for u in updates)
         train_loss = (sum(u.metrics["train-loss"] * u.num_examples for u in updates) / weights
                       if weights else None)
@@ -62,8 +73,10 @@ class RoundBook:
             "train_loss": train_loss,
             "bytes_up": sum(up for up, _ in traffic.values()),
             "bytes_down": bytes_down,
-            "clients": sorted((client_entry(u, *traffic[u.client_id]) for u in updates),
-                              key=lambda c: c["client_id"]),
+            "clients": sorted((client_entry(u, *traffic[u.client_id],
+                                            per_client.get(u.client_id))
+                               for u in updates), key=lambda c: c["client_id"]),
+            **{k: v for k, v in diagnostics.items() if k != "clients"},
             "failures": failures,
         })
 

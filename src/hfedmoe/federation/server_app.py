@@ -50,7 +50,7 @@ def run_server(grid: Grid, config: RunConfig) -> dict:
     with ProgressDisplay() as display:
         display.start(config.num_server_rounds, config.data.num_clients)
         book = RoundBook(recorder, display)
-        strategy = PlannedStrategy(config, method_for(config.method), adapter.geometry, book)
+        strategy = PlannedStrategy(config, method_for(config), adapter.geometry, book)
 
         def evaluate_global(server_round: int, arrays) -> MetricRecord:
             write_state(params, records.from_array_record(arrays))

@@ -22,7 +22,7 @@ from hfedmoe.config import RunConfig
 from hfedmoe.federation import records
 from hfedmoe.federation.rounds import RoundBook
 from hfedmoe.model.adapter import MoEGeometry
-from hfedmoe.strategies import ClientPlan, Method
+from hfedmoe.strategies import Method
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +64,6 @@ class PlannedStrategy(Strategy):
                  self._method.name, self._geometry.num_layers, self._geometry.num_experts,
                  self._geometry.top_k)
 
-    def plan_for(self, node_id: int) -> ClientPlan:
-        return ClientPlan(budget_experts=self._geometry.total_experts)
-
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays
@@ -76,8 +73,7 @@ class PlannedStrategy(Strategy):
         payload_bytes = records.record_bytes(arrays)
         self._sent = {node_id: payload_bytes for node_id in node_ids}
         return [
-            Message(records.train_instruction(server_round, self.plan_for(node_id),
-                                              self._flat_config, arrays),
+            Message(records.train_instruction(server_round, self._flat_config, arrays),
                     node_id, MessageType.TRAIN, group_id=str(server_round))
             for node_id in node_ids
         ]
@@ -92,25 +88,26 @@ class PlannedStrategy(Strategy):
             node_id = reply.metadata.src_node_id
             answered.add(node_id)
             if reply.has_error():
-                failures.append({"node_id": node_id, "reason": f"error {reply.error.code}: "
+                failures.append({"client_id": -1, "node_id": node_id, "reason": f"error {reply.error.code}: "
                                  f"{reply.error.reason.splitlines()[0] if reply.error.reason else ''}"})
                 continue
             try:
                 update = records.parse_train_reply(
                     reply.content, (self._geometry.num_layers, self._geometry.num_experts))
             except (ValueError, KeyError, TypeError) as exc:
-                failures.append({"node_id": node_id, "reason": f"rejected reply: {exc}"})
+                failures.append({"client_id": -1, "node_id": node_id,
+                                 "reason": f"rejected reply: {exc}"})
                 continue
             traffic[update.client_id] = (
                 records.record_bytes(reply.content.array_records[records.UPDATE]),
                 self._sent.get(node_id, 0))
             updates.append(update)
-        failures += [{"node_id": n, "reason": "no reply before the round timeout"}
+        failures += [{"client_id": -1, "node_id": n, "reason": "no reply before the round timeout"}
                      for n in self._sent if n not in answered]
         global_state = records.from_array_record(self._global)
-        new_state = self._method.aggregate(global_state, updates)
+        new_state, diagnostics = self._method.aggregate(global_state, updates)
         self._book.train_finished(server_round, updates, failures, traffic,
-                                  sum(self._sent.values()))
+                                  sum(self._sent.values()), diagnostics)
         metrics = MetricRecord({"num-replies": len(updates), "num-failures": len(failures)})
         return records.to_array_record(new_state), metrics
 

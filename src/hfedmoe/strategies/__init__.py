@@ -1,15 +1,21 @@
-"""Federated methods. The server-side choice of method is made here, in one explicit mapping."""
+"""Federated methods. The choice of method is made here, in one explicit mapping."""
 
 from __future__ import annotations
 
-from hfedmoe.strategies.base import ClientPlan, Method
+from hfedmoe.config import RunConfig
+from hfedmoe.strategies.base import Diagnostics, Method
 from hfedmoe.strategies.fedavg import FedAvgMethod
+from hfedmoe.strategies.hfedmoe import HFedMoEMethod
 
 
-def method_for(name: str) -> Method:
+def method_for(config: RunConfig) -> Method:
     """The method named by the config key ``method`` (validated by hfedmoe.config)."""
-    methods: dict[str, Method] = {"fedavg": FedAvgMethod()}
-    return methods[name]
+    h = config.hfedmoe
+    methods: dict[str, Method] = {
+        "fedavg": FedAvgMethod(),
+        "hfedmoe": HFedMoEMethod(h.lambda_, h.beta, h.tau, config.budget.per_layer or None),
+    }
+    return methods[config.method]
 
 
-__all__ = ["ClientPlan", "Method", "method_for"]
+__all__ = ["Diagnostics", "Method", "method_for"]

@@ -1,8 +1,12 @@
-"""The contract every federated method implements (server side and client side)."""
+"""The contract every federated method implements (client side and server side).
+
+A method is built from the run configuration by :func:`hfedmoe.strategies.method_for`; its
+client-side half runs inside the ClientApp, its server-side half inside the strategy. Both
+halves take and return plain tensors and dataclasses.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Mapping, Protocol, Sequence
 
 import torch
@@ -11,20 +15,16 @@ from hfedmoe.aggregation import ClientUpdate, State
 from hfedmoe.model.adapter import MoEGeometry
 from hfedmoe.training import ExpertSelector, LocalTrainingResult
 
-
-@dataclass(frozen=True)
-class ClientPlan:
-    """What the server asks of one client in one round."""
-
-    budget_experts: int  # C_budget(c): max experts with a gradient per local batch
+Diagnostics = dict  # JSON-serialisable per-round diagnostics (see each method's docstring)
 
 
 class Method(Protocol):
     name: str
 
     # --- client side ---------------------------------------------------------------
-    def selector(self, plan: ClientPlan, geometry: MoEGeometry) -> ExpertSelector | None:
-        """Per-batch choice of the experts that learn (None: every routed expert)."""
+    def selector(self, budget_experts: int, geometry: MoEGeometry) -> ExpertSelector | None:
+        """Per-batch choice of the experts that learn under the client's budget
+        (None: every routed expert learns)."""
         ...
 
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:
@@ -33,6 +33,6 @@ class Method(Protocol):
 
     # --- server side ---------------------------------------------------------------
     def aggregate(self, global_state: Mapping[str, torch.Tensor],
-                  updates: Sequence[ClientUpdate]) -> State:
-        """The next global trainable state from the replies of one round."""
+                  updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
+        """The next global trainable state from one round's replies, and diagnostics."""
         ...

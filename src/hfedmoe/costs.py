@@ -1,0 +1,55 @@
+"""From a built model to the numbers of the budget cost model (hfedmoe.budget).
+
+A device profile (memory, speed) becomes C_budget through ``budget_from_profile``, which needs
+the bytes of one trainable expert and the bytes of everything else in training. This module
+reads those from the adapter. The base is an ESTIMATE (the measured peak memory of each run is
+reported separately, per client):
+
+    base_bytes = all parameter bytes (experts' weights included, trained or not)
+               + gradient and AdamW moments of the non-expert trainables (routers, head, ...)
+               + activations outside the experts: ``ACTIVATION_FLOATS_PER_TOKEN_LAYER`` floats
+                 per token per MoE layer (attention scores, norms, residual stream)
+
+and one trainable expert adds its gradient, AdamW moments and activations (its weights are
+already in the base).
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from hfedmoe.budget import ExpertCost, expert_cost, resolve_budget
+from hfedmoe.config import RunConfig
+from hfedmoe.measurement import tensor_bytes
+from hfedmoe.model.adapter import MoEAdapter
+
+ACTIVATION_FLOATS_PER_TOKEN_LAYER = 16  # x hidden size; an estimate for a transformer block
+
+
+def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, int]:
+    """(cost of one more trainable expert, base bytes) for batches of ``config.train``."""
+    geometry = adapter.geometry
+    expert = list(adapter.expert_parameters(0, 0).items())
+    params_per_expert = sum(p.numel() for _, p in expert)
+    hidden = adapter.model.classifier.in_features
+    gated = any("gate" in name for name, _ in expert)
+    intermediate = max(1, params_per_expert // ((3 if gated else 2) * hidden))
+    tokens = config.train.batch_size * config.model.max_length
+    cost = expert_cost(params_per_expert, hidden, intermediate, tokens, geometry.top_k,
+                       geometry.num_experts, gated=gated)
+    cost = replace(cost, param_bytes=0)  # weights are counted in the base
+    non_expert = [p for layer in range(geometry.num_layers)
+                  for p in adapter.router_parameters(layer).values()]
+    non_expert += list(adapter.non_expert_parameters(config.model.trainable_non_expert).values())
+    base = (tensor_bytes(adapter.model.parameters()) + 3 * tensor_bytes(non_expert)
+            + 4 * tokens * hidden * ACTIVATION_FLOATS_PER_TOKEN_LAYER * geometry.num_layers)
+    return cost, base
+
+
+def client_budget(adapter: MoEAdapter, config: RunConfig, client_id: int,
+                  node_budget: str | int | None = None) -> int:
+    """C_budget of ``client_id``: from its node config (deployment) or the run config."""
+    cost, base = training_costs(adapter, config)
+    return resolve_budget(config.budget.experts, client_id, node_budget,
+                          total_experts=adapter.geometry.total_experts, cost=cost,
+                          base_bytes=base, min_budget=1)
