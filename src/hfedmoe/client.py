@@ -2,10 +2,16 @@
 
 Every process rebuilds the model deterministically from the run configuration (pretrained
 weights or a seeded random init), so the only tensors that travel are the trainable ones.
+
+:class:`ClientResources` keeps what a process already built (the model, tokenized partitions)
+for the next round or the next client on the same process (a Ray actor serves many). Reusing
+the model is exact: every trainable tensor is overwritten from the global state at the start
+of each round and the frozen ones never change (no optimizer touches them).
 """
 
 from __future__ import annotations
 
+import json
 import zlib
 from dataclasses import dataclass
 from typing import Mapping
@@ -47,17 +53,47 @@ def client_data(config: RunConfig, partition_id: int) -> tuple[TokenizedSet, int
     return tokenize(train_set, tokenizer, config.model.max_length), len(corpus.label_names)
 
 
+class ClientResources:
+    """Per-process reuse of the built model (one) and of tokenized partitions (a few)."""
+
+    MAX_PARTITIONS = 64
+
+    def __init__(self) -> None:
+        self._model_key: str | None = None
+        self._model: MoEAdapter | None = None
+        self._data: dict[str, tuple[TokenizedSet, int]] = {}
+
+    def data(self, config: RunConfig, partition_id: int) -> tuple[TokenizedSet, int]:
+        key = json.dumps([config.data.__dict__, config.model.name, config.model.max_length,
+                          config.seed, partition_id], sort_keys=True)
+        if key not in self._data:
+            if len(self._data) >= self.MAX_PARTITIONS:
+                self._data.clear()
+            self._data[key] = client_data(config, partition_id)
+        return self._data[key]
+
+    def model(self, config: RunConfig, num_labels: int) -> MoEAdapter:
+        key = json.dumps([config.model.__dict__, config.seed, num_labels], sort_keys=True)
+        if key != self._model_key:
+            self._model, self._model_key = build_model(config, num_labels), key
+        return self._model
+
+
 def run_client_round(config: RunConfig, partition_id: int, server_round: int,
                      global_state: Mapping[str, torch.Tensor],
-                     node_budget: str | int | None = None) -> ClientRound:
+                     node_budget: str | int | None = None,
+                     resources: ClientResources | None = None) -> ClientRound:
     """Load the global state, train locally under this client's budget, return the upload.
 
     ``node_budget``: the SuperNode's ``budget`` node-config value (deployment); it wins over
     the run config's ``budget.experts``.
     """
-    data, num_labels = client_data(config, partition_id)
-    adapter = build_model(config, num_labels)
+    resources = resources or ClientResources()
+    data, num_labels = resources.data(config, partition_id)
+    adapter = resources.model(config, num_labels)
     params = set_trainable(adapter, config.model.trainable_non_expert)
+    if set(global_state) != set(params):
+        raise ValueError("the global state does not cover exactly this model's trainable tensors")
     write_state(params, global_state)
     budget = client_budget(adapter, config, partition_id, node_budget)
     method = method_for(config)

@@ -29,15 +29,6 @@ EXPERTS_KEY = {"qwen2_moe": "num_experts", "qwen3_moe": "num_experts", "olmoe": 
                "switch_transformers": "num_experts"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one intra-op thread is faster, and immune to OpenMP spinning on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def model_cfg(name: str, **overrides):
     return dataclasses.replace(parse_run_config().model, name=name, **overrides)
 

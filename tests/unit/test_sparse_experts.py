@@ -17,15 +17,6 @@ from hfedmoe.model.sparse_experts import SparseExperts
 HIDDEN, NUM_EXPERTS, TOP_K, TOKENS = 6, 4, 2, 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny ops: one intra-op thread is faster, and immune to OpenMP spinning on a busy host."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class ToyExpert(nn.Module):
     def __init__(self, dropout: float = 0.0) -> None:
         super().__init__()

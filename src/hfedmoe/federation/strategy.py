@@ -13,7 +13,7 @@ import random
 import time
 from typing import Iterable
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
@@ -58,6 +58,7 @@ class PlannedStrategy(Strategy):
         self._sampling_deadline = sampling_deadline_seconds
         self._global: ArrayRecord | None = None
         self._sent: dict[int, int] = {}  # node id -> bytes sent this round
+        self.client_of: dict[int, int] = {}  # node id -> client (partition) id, from replies
 
     def summary(self) -> None:
         log.info("hfedmoe strategy: method=%s, %d MoE layers x %d experts (top-%d)",
@@ -72,11 +73,15 @@ class PlannedStrategy(Strategy):
         self._book.round_started(server_round, len(node_ids))
         payload_bytes = records.record_bytes(arrays)
         self._sent = {node_id: payload_bytes for node_id in node_ids}
-        return [
-            Message(records.train_instruction(server_round, self._flat_config, arrays),
-                    node_id, MessageType.TRAIN, group_id=str(server_round))
-            for node_id in node_ids
-        ]
+        return [Message(self.instruction_for(node_id, server_round, arrays), node_id,
+                        MessageType.TRAIN, group_id=str(server_round))
+                for node_id in node_ids]
+
+    def instruction_for(self, node_id: int, server_round: int, arrays: ArrayRecord
+                        ) -> RecordDict:
+        """The train instruction of one node: the extension point for per-client plans (each
+        node gets its own message; ``self.client_of`` maps nodes seen before to client ids)."""
+        return records.train_instruction(server_round, self._flat_config, arrays)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -98,6 +103,7 @@ class PlannedStrategy(Strategy):
                 failures.append({"client_id": -1, "node_id": node_id,
                                  "reason": f"rejected reply: {exc}"})
                 continue
+            self.client_of[node_id] = update.client_id
             traffic[update.client_id] = (
                 records.record_bytes(reply.content.array_records[records.UPDATE]),
                 self._sent.get(node_id, 0))

@@ -52,7 +52,9 @@ class UpcycledRouter(nn.Module):
         self.top_k = top_k
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
 
-    def forward(self, hidden_states: torch.Tensor):
+    def forward(
+        self, hidden_states: torch.Tensor  # (T, H)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         router_logits = nn.functional.linear(hidden_states, self.weight)  # (T, S)
         top_logits, top_k_index = torch.topk(router_logits, self.top_k, dim=-1)  # (T, k)
         top_k_weights = self.top_k * torch.softmax(top_logits, dim=-1)  # (T, k), rows sum to k
@@ -245,6 +247,7 @@ def upcycle_bert(
     config = bert.config
     if not isinstance(config.hidden_act, str):
         raise ValueError(f"hidden_act must be a named activation, got {config.hidden_act!r}")
+    contiguous_neuron_groups(config.intermediate_size, num_experts)  # validates num_experts
     if not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be in 1..{num_experts} (num_experts), got {top_k}")
     layers = list(bert.encoder.layer)
