@@ -10,6 +10,7 @@ of experts that actually received a gradient in each batch, the step time, and t
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -127,8 +128,9 @@ def train_locally(
     for _ in range(settings.local_steps):
         batch = _to_device(next(stream), device)
         start = time.perf_counter()
-        with meter.measure(), adapter.trace_routing() as trace, \
-                adapter.deferred_expert_backward() as plan:
+        # Full training (no selector) is plain autograd; a selector defers expert backward.
+        deferral = nullcontext() if selector is None else adapter.deferred_expert_backward()
+        with meter.measure(), adapter.trace_routing() as trace, deferral as plan:
             logits = model(batch["input_ids"], batch["attention_mask"])  # (B, C)
             task_loss = F.cross_entropy(logits, batch["labels"])
             loss = task_loss
@@ -147,7 +149,7 @@ def train_locally(
         step_seconds.append(time.perf_counter() - start)
         trained |= active_now
         max_active = max(max_active, int(active_now.sum()))
-        usage_sum += sample_probabilities(trace, batch["attention_mask"].cpu()).sum(dim=1).cpu()
+        usage_sum += sample_probabilities(trace, batch["attention_mask"]).sum(dim=1).cpu()
         samples += int(batch["labels"].shape[0])
         losses.append(float(task_loss.detach()))
     model.eval()
