@@ -66,3 +66,18 @@ def test_inactive_experts_are_bit_identical_after_a_local_round():
     assert uploaded == {(l, e) for l in range(2) for e in range(8)
                         if trained[l, e] and dominant[l, e]}
     assert all(k in upload for k in after if not k.startswith("expert."))
+
+
+def test_node_config_budget_wins_over_the_run_config(tmp_path):
+    """Deployment path: a SuperNode's node config `budget=...` goes through the same function."""
+    from hfedmoe.federation.client_app import app as client_app
+    from hfedmoe.federation.grids import InProcessGrid
+    from hfedmoe.federation.server_app import run_server
+
+    config = _config(tmp_path, "nodes", **{"budget.experts": "all", "num-server-rounds": 1,
+                                           "train.local-steps": 2})
+    grid = InProcessGrid(client_app, 3, node_configs=[{"budget": "3"}, {}, {"budget": "50%"}])
+    summary = run_server(grid, config)
+    assert [c["budget_experts"] for c in summary["clients"]] == [3, TOTAL, TOTAL // 2]
+    assert [c["max_active_experts_per_batch"] <= c["budget_experts"]
+            for c in summary["clients"]] == [True] * 3
