@@ -180,10 +180,11 @@ def aggregate_gates(global_state: Mapping[str, torch.Tensor], updates: Sequence[
 
 
 def hfedmoe_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                      tau: float) -> tuple[State, dict]:
+                      tau: float, uniform_gate: bool = False) -> tuple[State, dict]:
     """One HFedMoE server step (method.md section 5, step 4).
 
-    Experts by Eq. 17 over S_c = {u_c >= tau}; routers by Eq. 21 with normalised alpha; ``shared.*``
+    Experts by Eq. 17 over S_c = {u_c >= tau}; routers by Eq. 21 with normalised alpha (or, with
+    ``uniform_gate``, alpha proportional to |D_c| - an ablation); ``shared.*``
     keys by FedAvg (|D_c|). Every update needs ``importance`` (the round-mean s^c(e)).
     Diagnostics: ``{"dominant_global": |S_global|, "clients": {client_id: {"gate_weight":
     alpha(c), "routing_consistency": r(c), "dominant_per_layer": [|S_c in layer l|, ...]}}}``.
@@ -195,6 +196,9 @@ def hfedmoe_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequenc
     dominant = {cid: dominant_experts(u.usage, tau) for cid, u in by_id.items()}
     alpha = gate_weights({cid: u.usage for cid, u in by_id.items()},
                          {cid: u.importance for cid, u in by_id.items()}, dominant)
+    if uniform_gate:  # ablation: the gate averaged by |D_c| only
+        total = sum(u.num_examples for u in by_id.values())
+        alpha = {cid: u.num_examples / total for cid, u in by_id.items()}
     new_state: State = {}
     new_state.update(aggregate_experts(_split(global_state, EXPERT), updates, dominant))
     new_state.update(aggregate_gates(_split(global_state, ROUTER), updates, alpha))

@@ -39,7 +39,8 @@ def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) 
     h = config.hfedmoe
     method = HFedMoEMethod(h.lambda_, h.beta, h.tau, config.budget.per_layer or None)
     modes = [("full training", total, None)] + [
-        (f"hfedmoe budget {b}", b, method.selector(b, adapter.geometry)) for b in budgets]
+        (f"hfedmoe budget {b}", b, method.selector(b, adapter.geometry, config.seed))
+        for b in budgets]
     settings = LocalTrainingSettings(steps, config.train.batch_size, config.train.lr,
                                      config.train.weight_decay, config.model.aux_loss_coef,
                                      seed=config.seed)

@@ -97,15 +97,16 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
     write_state(params, global_state)
     budget = client_budget(adapter, config, partition_id, node_budget)
     method = method_for(config)
+    seed = round_seed(config.seed, server_round, partition_id)
     settings = LocalTrainingSettings(
         local_steps=config.train.local_steps,
         batch_size=config.train.batch_size,
         lr=config.train.lr,
         weight_decay=config.train.weight_decay,
         aux_loss_coef=config.model.aux_loss_coef,
-        seed=round_seed(config.seed, server_round, partition_id),
+        seed=seed,
     )
     result = train_locally(adapter, list(params.values()), data, settings,
-                           method.selector(budget, adapter.geometry))
+                           method.selector(budget, adapter.geometry, seed))
     upload = method.upload(read_state(params), result)
     return ClientRound(budget_experts=budget, upload=upload, result=result)

@@ -22,7 +22,8 @@ from typing import Any, Mapping
 
 Scalar = bool | int | float | str
 
-METHODS = ("hfedmoe", "fedavg")
+METHODS = ("hfedmoe", "fedavg", "fedavg-full", "random-subset", "hfedmoe-no-ib",
+           "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate")
 DATA_SOURCES = ("bbc-news", "file", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 TRAINABLE_NON_EXPERT = ("head", "all")

@@ -203,6 +203,9 @@ def _client_summary(client_id: int, rounds: Sequence[Mapping[str, Any]]) -> dict
         "client_id": client_id,
         "budget_experts": latest["budget_experts"],
         "max_active_experts_per_batch": max(c["max_active_experts_per_batch"] for c in rounds),
+        # False marks a method that ignored the client's budget (e.g. fedavg-full)
+        "within_budget": all(c["max_active_experts_per_batch"] <= c["budget_experts"]
+                             for c in rounds),
         "peak_memory_bytes": max(c["peak_memory_bytes"] for c in rounds),
         "num_examples": latest["num_examples"],
         "rounds_participated": len(rounds),

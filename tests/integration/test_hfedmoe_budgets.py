@@ -48,7 +48,7 @@ def test_inactive_experts_are_bit_identical_after_a_local_round():
     before = read_state(params)
     settings = LocalTrainingSettings(local_steps=3, batch_size=8, lr=1e-2, weight_decay=0.0,
                                      aux_loss_coef=0.01, seed=1)
-    selector = method_for(config).selector(3, adapter.geometry)
+    selector = method_for(config).selector(3, adapter.geometry, seed=1)
     result = train_locally(adapter, list(params.values()), data, settings, selector)
     after = read_state(params)
     assert result.max_active_experts_per_batch <= 3

@@ -1,19 +1,36 @@
-"""Federated methods. The choice of method is made here, in one explicit mapping."""
+"""Federated methods. The choice of method is made here, in one explicit mapping.
+
+Ablations of HFedMoE are configurations of :class:`HFedMoEMethod` (one switch each):
+``hfedmoe-no-ib`` (beta = 0: rank by importance alone), ``hfedmoe-fedavg-agg`` (HFedMoE's
+selection, but every trainable tensor uploaded and averaged by |D_c|: no sparsity-aware
+aggregation), ``hfedmoe-uniform-gate`` (the gate averaged by |D_c| instead of Eqs. 19-21).
+"""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from hfedmoe.config import RunConfig
 from hfedmoe.strategies.base import Diagnostics, Method
 from hfedmoe.strategies.fedavg import FedAvgMethod
 from hfedmoe.strategies.hfedmoe import HFedMoEMethod
+from hfedmoe.strategies.random_subset import RandomSubsetMethod
 
 
 def method_for(config: RunConfig) -> Method:
     """The method named by the config key ``method`` (validated by hfedmoe.config)."""
     h = config.hfedmoe
+    hfedmoe = HFedMoEMethod(h.lambda_, h.beta, h.tau, config.budget.per_layer or None)
     methods: dict[str, Method] = {
+        "hfedmoe": hfedmoe,
         "fedavg": FedAvgMethod(),
-        "hfedmoe": HFedMoEMethod(h.lambda_, h.beta, h.tau, config.budget.per_layer or None),
+        "fedavg-full": FedAvgMethod(name="fedavg-full"),
+        "random-subset": RandomSubsetMethod(),
+        "hfedmoe-no-ib": replace(hfedmoe, name="hfedmoe-no-ib", beta=0.0),
+        "hfedmoe-fedavg-agg": replace(hfedmoe, name="hfedmoe-fedavg-agg", sparse_upload=False,
+                                      expert_aggregation="fedavg"),
+        "hfedmoe-uniform-gate": replace(hfedmoe, name="hfedmoe-uniform-gate",
+                                        gate_weighting="examples"),
     }
     return methods[config.method]
 

@@ -22,9 +22,10 @@ class Method(Protocol):
     name: str
 
     # --- client side ---------------------------------------------------------------
-    def selector(self, budget_experts: int, geometry: MoEGeometry) -> ExpertSelector | None:
+    def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
+                 ) -> ExpertSelector | None:
         """Per-batch choice of the experts that learn under the client's budget
-        (None: every routed expert learns)."""
+        (None: every routed expert learns). ``seed``: this client's round seed."""
         ...
 
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:

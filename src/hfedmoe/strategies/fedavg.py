@@ -4,6 +4,7 @@ ignored (and reported as such: ``max_active_experts_per_batch`` may exceed them)
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 import torch
@@ -14,10 +15,12 @@ from hfedmoe.strategies.base import Diagnostics
 from hfedmoe.training import ExpertSelector, LocalTrainingResult
 
 
+@dataclass(frozen=True)
 class FedAvgMethod:
-    name = "fedavg"
+    name: str = "fedavg"  # also registered as "fedavg-full", the unconstrained reference
 
-    def selector(self, budget_experts: int, geometry: MoEGeometry) -> ExpertSelector | None:
+    def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
+                 ) -> ExpertSelector | None:
         return None
 
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:

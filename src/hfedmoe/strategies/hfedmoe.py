@@ -18,7 +18,13 @@ from typing import Mapping, Sequence
 
 import torch
 
-from hfedmoe.aggregation import ClientUpdate, State, dominant_experts, hfedmoe_aggregate
+from hfedmoe.aggregation import (
+    ClientUpdate,
+    State,
+    dominant_experts,
+    fedavg,
+    hfedmoe_aggregate,
+)
 from hfedmoe.importance import routed_experts
 from hfedmoe.model.adapter import MoEGeometry, RoutingTrace
 from hfedmoe.model.state import expert_of
@@ -47,12 +53,18 @@ class HFedMoEMethod:
     tau: float  # Eq. 16
     per_layer_budget: int | None = None
     name: str = "hfedmoe"
+    sparse_upload: bool = True  # False: upload every trainable tensor (ablation)
+    expert_aggregation: str = "sparse"  # "sparse" (Eq. 17) or "fedavg" (ablation)
+    gate_weighting: str = "importance"  # "importance" (Eqs. 19-21) or "examples" (ablation)
 
-    def selector(self, budget_experts: int, geometry: MoEGeometry) -> ExpertSelector | None:
+    def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
+                 ) -> ExpertSelector | None:
         return TraceSelector(IBSelector(self.lam, self.beta, budget_experts,
                                         self.per_layer_budget), geometry.num_experts)
 
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:
+        if not self.sparse_upload:
+            return dict(trained)
         keep = result.trained_experts & dominant_experts(result.usage, self.tau)  # (L, S)
         upload = {}
         for key, tensor in trained.items():
@@ -63,4 +75,7 @@ class HFedMoEMethod:
 
     def aggregate(self, global_state: Mapping[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
-        return hfedmoe_aggregate(global_state, updates, self.tau)
+        if self.expert_aggregation == "fedavg":
+            return fedavg(global_state, updates), {}
+        return hfedmoe_aggregate(global_state, updates, self.tau,
+                                 uniform_gate=self.gate_weighting == "examples")
