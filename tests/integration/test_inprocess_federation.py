@@ -62,3 +62,28 @@ def test_fraction_train_samples_a_subset_deterministically(tmp_path):
     run_experiment(config2)
     second = [[c["client_id"] for c in r["clients"]] for r in read_metrics(tmp_path / "run2")]
     assert first == second and all(len(ids) == 2 for ids in first[1:])
+
+
+def test_a_failing_client_is_recorded_and_the_round_goes_on(tmp_path):
+    from flwr.clientapp import ClientApp
+
+    from hfedmoe.federation.client_app import make_client_app
+    from hfedmoe.federation.grids import InProcessGrid
+    from hfedmoe.federation.server_app import run_server
+
+    real = make_client_app()
+    flaky = ClientApp()
+
+    @flaky.train()
+    def train(msg, context):
+        if context.node_config["partition-id"] == 1:
+            raise RuntimeError("injected failure")
+        return real(msg, context)
+
+    config = _config(tmp_path, **{"num-server-rounds": 2, "train.local-steps": 1})
+    summary = run_server(InProcessGrid(flaky, 3), config)
+    rounds = read_metrics(tmp_path / "run")
+    assert summary["rounds"] == 2
+    for record in rounds[1:]:
+        assert [c["client_id"] for c in record["clients"]] == [0, 2]
+        assert len(record["failures"]) == 1 and "injected failure" in record["failures"][0]["reason"]

@@ -129,3 +129,17 @@ def parse_train_reply(content: RecordDict, usage_shape: tuple[int, int]) -> Clie
                     else None),
         trained=_matrix(routing, "trained", usage_shape).bool(),
     )
+
+
+def check_update(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]
+                 ) -> None:
+    """Raise ValueError unless every uploaded tensor is a known key of the right shape with
+    finite values (a bad reply is dropped, never averaged into the global model)."""
+    for key, tensor in update.items():
+        if key not in global_state:
+            raise ValueError(f"unknown tensor '{key}'")
+        if tuple(tensor.shape) != tuple(global_state[key].shape):
+            raise ValueError(f"'{key}' has shape {tuple(tensor.shape)}, "
+                             f"expected {tuple(global_state[key].shape)}")
+        if not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"'{key}' has non-finite values")

@@ -89,28 +89,33 @@ class PlannedStrategy(Strategy):
         failures: list[dict] = []
         traffic: dict[int, tuple[int, int]] = {}  # client id -> (bytes up, bytes down)
         answered: set[int] = set()
+        global_state = records.from_array_record(self._global)
+
+        def failure(node_id: int, reason: str) -> dict:
+            return {"client_id": self.client_of.get(node_id, -1), "node_id": node_id,
+                    "reason": reason}
+
         for reply in replies:
             node_id = reply.metadata.src_node_id
             answered.add(node_id)
             if reply.has_error():
-                failures.append({"client_id": -1, "node_id": node_id, "reason": f"error {reply.error.code}: "
-                                 f"{reply.error.reason.splitlines()[0] if reply.error.reason else ''}"})
+                reason = (reply.error.reason or "").splitlines()[:1]
+                failures.append(failure(node_id, f"error {reply.error.code}: {''.join(reason)}"))
                 continue
             try:
                 update = records.parse_train_reply(
                     reply.content, (self._geometry.num_layers, self._geometry.num_experts))
+                records.check_update(update.state, global_state)
             except (ValueError, KeyError, TypeError) as exc:
-                failures.append({"client_id": -1, "node_id": node_id,
-                                 "reason": f"rejected reply: {exc}"})
+                failures.append(failure(node_id, f"rejected reply: {exc}"))
                 continue
             self.client_of[node_id] = update.client_id
             traffic[update.client_id] = (
                 records.record_bytes(reply.content.array_records[records.UPDATE]),
                 self._sent.get(node_id, 0))
             updates.append(update)
-        failures += [{"client_id": -1, "node_id": n, "reason": "no reply before the round timeout"}
+        failures += [failure(n, "no reply before the round timeout")
                      for n in self._sent if n not in answered]
-        global_state = records.from_array_record(self._global)
         new_state, diagnostics = self._method.aggregate(global_state, updates)
         self._book.train_finished(server_round, updates, failures, traffic,
                                   sum(self._sent.values()), diagnostics)
