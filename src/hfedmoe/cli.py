@@ -37,6 +37,21 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (same as --set out=DIR; default runs/default)")
     run.add_argument("--verbose", action="store_true",
                      help="also show Flower's own log (INFO level)")
+    comp = commands.add_parser(
+        "compare", help="run several methods side by side",
+        description="Run each method (and each seed) with otherwise identical configuration - "
+                    "same data, partitions, budgets, local steps, evaluation - and write "
+                    "comparison.json, comparison.md and plots to --out.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    comp.add_argument("--methods", required=True, metavar="A,B,...",
+                      help="comma-separated methods, e.g. hfedmoe,fedavg,random-subset")
+    _add_config_options(comp)
+    comp.add_argument("--seeds", type=int, default=1, metavar="N",
+                      help="repeat over seeds seed, seed+1, ..., seed+N-1 (default 1)")
+    comp.add_argument("--target", type=float, default=0.9, metavar="ACC",
+                      help="target test accuracy for rounds/seconds to target (default 0.9)")
+    comp.add_argument("--out", metavar="DIR", required=True, help="output directory")
+    comp.add_argument("--verbose", action="store_true", help="also show Flower's own log")
     bench = commands.add_parser(
         "bench", help="measure what expert budgets save",
         description="Benchmarks that print measured figures.")
@@ -88,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = resolve_config(args)
         if args.command == "bench":
             return _bench_step(config, args)
+        if args.command == "compare":
+            return _compare(config, args)
         summary = run_experiment(config, verbose=args.verbose)
     except (ConfigError, DataError, UnsupportedModelError, ModelNotFoundError) as exc:
         print(f"hfedmoe: error: {exc}", file=sys.stderr)
@@ -95,6 +112,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
           f"after {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s; "
           f"outputs in {config.out}")
+    return 0
+
+
+def _compare(config, args: argparse.Namespace) -> int:
+    from hfedmoe.compare import compare, comparison_table
+    from hfedmoe.config import METHODS
+    from hfedmoe.runner import run_experiment
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(f"--methods: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {', '.join(METHODS)}")
+    if args.seeds < 1:
+        raise ConfigError(f"--seeds {args.seeds}: expected an integer >= 1")
+    seeds = [config.seed + i for i in range(args.seeds)]
+    result = compare(config, methods, seeds, Path(config.out), args.target,
+                     lambda c: run_experiment(c, verbose=args.verbose))
+    print(comparison_table(result), end="")
+    print(f"outputs in {config.out}")
     return 0
 
 

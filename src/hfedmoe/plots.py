@@ -85,3 +85,44 @@ def plot_expert_heatmap(rounds: Sequence[Mapping[str, Any]], path: Path) -> None
     axes.set_ylabel("client")
     figure.tight_layout()
     figure.savefig(path, format="png")
+
+
+def plot_comparison(comparison: Mapping[str, Any], out_dir: Path) -> None:
+    """accuracy_by_method.png, bytes_up_by_method.png, budget_use_by_method.png."""
+    methods = comparison["methods"]
+    figure = Figure(figsize=(7.0, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    for name, m in methods.items():
+        curve = m["accuracy_by_round_mean"]
+        axes.plot(range(len(curve)), curve, marker="o", label=name)
+    axes.set(title="Test accuracy (mean over seeds)", xlabel="round", ylabel="accuracy")
+    axes.grid(True, alpha=0.3)
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_dir / "accuracy_by_method.png", format="png")
+
+    figure = Figure(figsize=(7.0, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    names = list(methods)
+    axes.bar(names, [methods[n]["bytes_up"]["mean"] / 2**20 for n in names])
+    axes.set(title="Bytes uploaded over the run (mean over seeds)", ylabel="MiB")
+    axes.tick_params(axis="x", labelrotation=30, labelsize=8)
+    figure.tight_layout()
+    figure.savefig(out_dir / "bytes_up_by_method.png", format="png")
+
+    figure = Figure(figsize=(8.0, 4.0), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.8 / max(len(names), 1)
+    for index, name in enumerate(names):
+        clients = methods[name]["clients"]
+        use = [c["max_active_experts_per_batch"] / c["budget_experts"] for c in clients]
+        axes.bar([c["client_id"] + index * width for c in clients], use, width, label=name)
+    axes.axhline(1.0, color="black", linewidth=1, linestyle="--")
+    axes.set(title="Budget use per client (max active experts / budget; > 1 violates)",
+             xlabel="client", ylabel="max active / budget")
+    axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(out_dir / "budget_use_by_method.png", format="png")

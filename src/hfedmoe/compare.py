@@ -1,0 +1,106 @@
+"""``hfedmoe compare``: several methods on the same data, partitions, budgets and seeds.
+
+Each (method, seed) is an ordinary run (``DIR/<method>/seed-<s>/``, with all its outputs); only
+``method`` and ``seed`` differ from the given configuration, so partitions, budgets, local
+steps and evaluation are identical across methods for a seed. Writes ``comparison.json``
+(per method: the summary fields as mean/std/values over seeds, plus ``rounds_to_target`` and
+``seconds_to_target``), ``comparison.md`` (a table of the same numbers) and plots.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from hfedmoe.config import RunConfig, parse_run_config
+from hfedmoe.plots import plot_comparison
+
+SCALAR_FIELDS = ("final_accuracy", "best_accuracy", "rounds_to_target", "seconds_to_target",
+                 "bytes_up", "bytes_down", "wall_seconds")
+
+
+def rounds_to_target(summary: Mapping[str, Any], target: float) -> int | None:
+    """First round whose test accuracy reaches ``target`` (None if never)."""
+    for round_number, accuracy in enumerate(summary["accuracy_by_round"]):
+        if accuracy is not None and accuracy >= target:
+            return round_number
+    return None
+
+
+def seconds_to_target(summary: Mapping[str, Any], target: float) -> float | None:
+    """Wall seconds of training until the target round (sum of round times; None if never)."""
+    reached = rounds_to_target(summary, target)
+    if reached is None:
+        return None
+    return float(sum(s or 0.0 for s in summary["round_seconds_by_round"][: reached + 1]))
+
+
+def _stats(values: Sequence[float | None]) -> dict[str, Any]:
+    present = [float(v) for v in values if v is not None]
+    return {
+        "mean": statistics.fmean(present) if present else None,
+        "std": statistics.stdev(present) if len(present) > 1 else 0.0 if present else None,
+        "values": list(values),
+    }
+
+
+def summarise_method(summaries: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any]:
+    """Mean/std over seeds of one method's run summaries (pure)."""
+    rows = [{**s, "rounds_to_target": rounds_to_target(s, target),
+             "seconds_to_target": seconds_to_target(s, target)} for s in summaries]
+    by_round = list(zip(*(s["accuracy_by_round"] for s in summaries)))
+    return {
+        **{field: _stats([row[field] for row in rows]) for field in SCALAR_FIELDS},
+        "accuracy_by_round_mean": [statistics.fmean(r) for r in by_round],
+        "within_budget": all(c.get("within_budget", True) for s in summaries
+                             for c in s["clients"]),
+        "clients": [{"client_id": c["client_id"], "budget_experts": c["budget_experts"],
+                     "max_active_experts_per_batch": c["max_active_experts_per_batch"],
+                     "num_examples": c["num_examples"]} for c in summaries[0]["clients"]],
+    }
+
+
+def _cell(stats: Mapping[str, Any], scale: float = 1.0, digits: int = 3) -> str:
+    if stats["mean"] is None:
+        return "never"
+    return f"{stats['mean'] / scale:.{digits}f} ± {stats['std'] / scale:.{digits}f}"
+
+
+def comparison_table(comparison: Mapping[str, Any]) -> str:
+    """The Markdown table of ``comparison.json`` (numbers formatted from the same values)."""
+    lines = [
+        f"Target accuracy: {comparison['target_accuracy']}; seeds: {comparison['seeds']}; "
+        "mean ± std over seeds.",
+        "",
+        "| method | final acc | best acc | rounds to target | s to target | MiB up | MiB down "
+        "| within budget |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, m in comparison["methods"].items():
+        lines.append(
+            f"| {name} | {_cell(m['final_accuracy'])} | {_cell(m['best_accuracy'])} "
+            f"| {_cell(m['rounds_to_target'], digits=1)} | {_cell(m['seconds_to_target'], digits=0)} "
+            f"| {_cell(m['bytes_up'], 2**20, 1)} | {_cell(m['bytes_down'], 2**20, 1)} "
+            f"| {'yes' if m['within_budget'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def compare(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Path,
+            target: float, run: Callable[[RunConfig], dict]) -> dict[str, Any]:
+    """Run every (method, seed) with ``run`` and write the comparison files into ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    flat = config.to_flat()
+    results: dict[str, Any] = {}
+    for method in methods:
+        summaries = [run(parse_run_config(flat, {"method": method, "seed": seed,
+                                                 "out": str(out / method / f"seed-{seed}")}))
+                     for seed in seeds]
+        results[method] = summarise_method(summaries, target)
+    comparison = {"target_accuracy": target, "seeds": list(seeds), "methods": results,
+                  "config": {k: v for k, v in flat.items() if k not in ("method", "seed", "out")}}
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")
+    (out / "comparison.md").write_text(comparison_table(comparison))
+    plot_comparison(comparison, out)
+    return comparison

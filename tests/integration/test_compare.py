@@ -1,0 +1,47 @@
+"""`hfedmoe compare`: all files, consistent numbers, identical partitions across methods."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from hfedmoe.compare import comparison_table, rounds_to_target, seconds_to_target
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_compare_writes_consistent_files(tmp_path):
+    out = tmp_path / "cmp"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "hfedmoe"), "compare", "--methods",
+         "hfedmoe,fedavg-full", "--config", "conf/tiny.toml", "--set", "train.local-steps=1",
+         "--set", "budget.experts=2,4,16", "--seeds", "2", "--target", "0.2", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    comparison = json.loads((out / "comparison.json").read_text())
+    assert set(comparison["methods"]) == {"hfedmoe", "fedavg-full"}
+    assert comparison["seeds"] == [0, 1]
+    for name in ("comparison.md", "accuracy_by_method.png", "bytes_up_by_method.png",
+                 "budget_use_by_method.png"):
+        assert (out / name).stat().st_size > 100, name
+    # the table is the JSON, formatted
+    assert (out / "comparison.md").read_text() == comparison_table(comparison)
+    for method, stats in comparison["methods"].items():
+        finals = []
+        for seed in (0, 1):
+            summary = json.loads((out / method / f"seed-{seed}" / "summary.json").read_text())
+            finals.append(summary["final_accuracy"])
+            assert rounds_to_target(summary, 0.2) == stats["rounds_to_target"]["values"][seed]
+        assert stats["final_accuracy"]["values"] == finals
+        assert abs(stats["final_accuracy"]["mean"] - sum(finals) / 2) < 1e-12
+    # identical seeds -> identical partitions and budgets across methods
+    clients = [m["clients"] for m in comparison["methods"].values()]
+    assert [c["num_examples"] for c in clients[0]] == [c["num_examples"] for c in clients[1]]
+    assert comparison["methods"]["fedavg-full"]["within_budget"] is False
+    assert comparison["methods"]["hfedmoe"]["within_budget"] is True
+
+
+def test_target_helpers():
+    summary = {"accuracy_by_round": [0.1, 0.5, 0.8, 0.9], "round_seconds_by_round": [0, 2, 3, 4]}
+    assert rounds_to_target(summary, 0.8) == 2 and seconds_to_target(summary, 0.8) == 5.0
+    assert rounds_to_target(summary, 0.95) is None and seconds_to_target(summary, 0.95) is None
