@@ -26,7 +26,12 @@ from hfedmoe.model import load_adapter, load_tokenizer
 from hfedmoe.model.adapter import MoEAdapter
 from hfedmoe.model.state import read_state, set_trainable, write_state
 from hfedmoe.strategies import method_for
-from hfedmoe.training import LocalTrainingResult, LocalTrainingSettings, train_locally
+from hfedmoe.training import (
+    LocalTrainingResult,
+    LocalTrainingSettings,
+    skipped_round,
+    train_locally,
+)
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,9 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
         aux_loss_coef=config.model.aux_loss_coef,
         seed=seed,
     )
+    if not method.participates(budget, adapter.geometry):
+        g = adapter.geometry
+        return ClientRound(budget, {}, skipped_round(len(data), g.num_layers, g.num_experts))
     result = train_locally(adapter, list(params.values()), data, settings,
                            method.selector(budget, adapter.geometry, seed))
     upload = method.upload(read_state(params), result)

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 
 Scalar = bool | int | float | str
 
-METHODS = ("hfedmoe", "fedavg", "fedavg-full", "random-subset", "hfedmoe-no-ib",
+METHODS = ("hfedmoe", "fedavg", "fedavg-full", "fedavg-drop", "random-subset", "hfedmoe-no-ib",
            "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate")
 DATA_SOURCES = ("bbc-news", "file", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological")

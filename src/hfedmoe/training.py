@@ -51,6 +51,13 @@ class LocalTrainingResult:
     max_active_experts_per_batch: int  # max over batches of experts with a gradient
     peak_memory_bytes: int  # see hfedmoe.measurement
     mean_step_seconds: float
+    local_steps: int = 0  # optimizer steps run (0: the client sat the round out)
+
+
+def skipped_round(num_examples: int, num_layers: int, num_experts: int) -> LocalTrainingResult:
+    """The result of a client that does not train this round (e.g. fedavg-drop's weak devices)."""
+    zeros = torch.zeros(num_layers, num_experts)
+    return LocalTrainingResult(num_examples, 0.0, zeros.bool(), zeros, None, 0, 0, 0.0, 0)
 
 
 def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -166,6 +173,7 @@ def train_locally(
         max_active_experts_per_batch=max_active,
         peak_memory_bytes=int(memory),
         mean_step_seconds=sum(step_seconds) / len(step_seconds),
+        local_steps=settings.local_steps,
     )
 
 

@@ -26,7 +26,12 @@ def test_every_method_runs_two_rounds(tmp_path, method):
     assert [c["num_examples"] for c in clients] == [452, 217, 1032]  # same partitions for all
     ignores_budgets = method in ("fedavg", "fedavg-full")
     assert all(c["within_budget"] for c in clients) != ignores_budgets
-    if not ignores_budgets:
+    if method == "fedavg-drop":  # clients whose budget cannot hold full training sit out
+        assert [c["max_active_experts_per_batch"] for c in clients] == [0, 0, 16]
+        records = read_metrics(tmp_path / method)[1:]
+        assert all([c["local_steps"] for c in r["clients"]] == [0, 0, 2] for r in records)
+        assert all(c["uploaded_tensors"] == 0 for r in records for c in r["clients"][:2])
+    elif not ignores_budgets:
         assert [c["max_active_experts_per_batch"] for c in clients] == [2, 4, 16]
 
 

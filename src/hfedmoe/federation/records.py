@@ -8,7 +8,8 @@ Train reply (client -> server):
   ``"update"``  ArrayRecord  - the tensors the client uploads (any subset of the global keys)
   ``"metrics"`` MetricRecord - ``num-examples``, ``client-id``, ``train-loss``,
                                ``budget-experts``, ``max-active-experts-per-batch``,
-                               ``peak-memory-bytes``, ``mean-step-seconds``
+                               ``peak-memory-bytes``, ``mean-step-seconds``,
+                               ``local-steps`` (0: the client sat the round out)
   ``"routing"`` MetricRecord - flattened row-major from (L, S): ``usage`` u_c(e) (Eq. 16),
                                ``trained`` (1 = the expert got a gradient this round),
                                ``importance`` s^c(e) (methods that select experts only)
@@ -34,7 +35,8 @@ from hfedmoe.training import LocalTrainingResult
 
 GLOBAL, PLAN, UPDATE, METRICS, ROUTING = "global", "plan", "update", "metrics", "routing"
 REPLY_METRIC_KEYS = ("num-examples", "client-id", "train-loss", "budget-experts",
-                     "max-active-experts-per-batch", "peak-memory-bytes", "mean-step-seconds")
+                     "max-active-experts-per-batch", "peak-memory-bytes", "mean-step-seconds",
+                     "local-steps")
 
 
 def to_array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -85,6 +87,7 @@ def train_reply(client_id: int, budget_experts: int, upload: Mapping[str, torch.
         "max-active-experts-per-batch": result.max_active_experts_per_batch,
         "peak-memory-bytes": result.peak_memory_bytes,
         "mean-step-seconds": result.mean_step_seconds,
+        "local-steps": result.local_steps,
     })
     routing = {"usage": _flat(result.usage),
                "trained": [int(t) for t in result.trained_experts.reshape(-1)]}

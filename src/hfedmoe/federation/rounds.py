@@ -44,6 +44,7 @@ def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int,
         "peak_memory_bytes": int(m["peak-memory-bytes"]),
         "mean_step_seconds": m["mean-step-seconds"],
         "uploaded_tensors": len(update.state),
+        "local_steps": int(m["local-steps"]),
     }
 
 
@@ -66,8 +67,9 @@ class RoundBook:
         counts clients that failed (what was sent to them was spent)."""
         diagnostics = diagnostics or {}
         per_client = diagnostics.get("clients", {})
-        weights = sum(u.num_examples for u in updates)
-        train_loss = (sum(u.metrics["train-loss"] * u.num_examples for u in updates) / weights
+        trained = [u for u in updates if u.metrics["local-steps"] > 0]
+        weights = sum(u.num_examples for u in trained)
+        train_loss = (sum(u.metrics["train-loss"] * u.num_examples for u in trained) / weights
                       if weights else None)
         self._pending.update({
             "train_loss": train_loss,

@@ -25,6 +25,7 @@ def method_for(config: RunConfig) -> Method:
         "hfedmoe": hfedmoe,
         "fedavg": FedAvgMethod(),
         "fedavg-full": FedAvgMethod(name="fedavg-full"),
+        "fedavg-drop": FedAvgMethod(name="fedavg-drop", drop_constrained=True),
         "random-subset": RandomSubsetMethod(),
         "hfedmoe-no-ib": replace(hfedmoe, name="hfedmoe-no-ib", beta=0.0),
         "hfedmoe-fedavg-agg": replace(hfedmoe, name="hfedmoe-fedavg-agg", sparse_upload=False,

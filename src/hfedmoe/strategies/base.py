@@ -22,6 +22,10 @@ class Method(Protocol):
     name: str
 
     # --- client side ---------------------------------------------------------------
+    def participates(self, budget_experts: int, geometry: MoEGeometry) -> bool:
+        """Whether a client with this budget trains this round (False: it sits it out)."""
+        ...
+
     def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
                  ) -> ExpertSelector | None:
         """Per-batch choice of the experts that learn under the client's budget

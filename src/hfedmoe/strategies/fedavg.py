@@ -1,6 +1,11 @@
-"""``fedavg``: every client trains every routed expert and uploads all trainable tensors;
-the server averages each tensor weighted by |D_c| (McMahan et al., 2017). Client budgets are
-ignored (and reported as such: ``max_active_experts_per_batch`` may exceed them)."""
+"""FedAvg (McMahan et al., 2017) over every trainable tensor, weighted by |D_c|.
+
+``fedavg`` / ``fedavg-full``: every client trains every routed expert and uploads all
+trainable tensors; client budgets are ignored (reported as such: ``max_active_experts_per_batch``
+may exceed them, ``within_budget`` is false) - the unconstrained reference.
+``fedavg-drop``: a client whose budget cannot hold full training (budget < all experts) sits
+the round out - what happens in practice to weak devices; the others run plain FedAvg.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +23,10 @@ from hfedmoe.training import ExpertSelector, LocalTrainingResult
 @dataclass(frozen=True)
 class FedAvgMethod:
     name: str = "fedavg"  # also registered as "fedavg-full", the unconstrained reference
+    drop_constrained: bool = False  # fedavg-drop
+
+    def participates(self, budget_experts: int, geometry: MoEGeometry) -> bool:
+        return not self.drop_constrained or budget_experts >= geometry.total_experts
 
     def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
                  ) -> ExpertSelector | None:

@@ -57,6 +57,9 @@ class HFedMoEMethod:
     expert_aggregation: str = "sparse"  # "sparse" (Eq. 17) or "fedavg" (ablation)
     gate_weighting: str = "importance"  # "importance" (Eqs. 19-21) or "examples" (ablation)
 
+    def participates(self, budget_experts: int, geometry: MoEGeometry) -> bool:
+        return True
+
     def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
                  ) -> ExpertSelector | None:
         return TraceSelector(IBSelector(self.lam, self.beta, budget_experts,

@@ -43,6 +43,9 @@ class RandomSelector:
 class RandomSubsetMethod:
     name: str = "random-subset"
 
+    def participates(self, budget_experts: int, geometry: MoEGeometry) -> bool:
+        return True
+
     def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
                  ) -> ExpertSelector | None:
         return RandomSelector(budget_experts, geometry.num_experts, seed)
