@@ -120,6 +120,8 @@ def plot_comparison(comparison: Mapping[str, Any], out_dir: Path) -> None:
         clients = methods[name]["clients"]
         use = [c["max_active_experts_per_batch"] / c["budget_experts"] for c in clients]
         axes.bar([c["client_id"] + index * width for c in clients], use, width, label=name)
+    ids = [c["client_id"] for c in methods[names[0]]["clients"]] if names else []
+    axes.set_xticks([i + width * (len(names) - 1) / 2 for i in ids], [str(i) for i in ids])
     axes.axhline(1.0, color="black", linewidth=1, linestyle="--")
     axes.set(title="Budget use per client (max active experts / budget; > 1 violates)",
              xlabel="client", ylabel="max active / budget")
