@@ -15,8 +15,9 @@ from flwr.app import Context, Message, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from hfedmoe.client import build_model
-from hfedmoe.config import RunConfig, parse_run_config
-from hfedmoe.data import load_corpus, tokenize
+from hfedmoe.config import ConfigError, RunConfig, parse_run_config
+from hfedmoe.costs import client_budget
+from hfedmoe.data import load_corpus, partition_indices, tokenize
 from hfedmoe.federation import records
 from hfedmoe.federation.grids import ProgressGrid
 from hfedmoe.federation.rounds import RoundBook
@@ -39,12 +40,25 @@ def _reply_info(reply: Message) -> tuple[int, dict]:
     return int(info.get("client-id", -1)), info
 
 
+def preflight(config: RunConfig, corpus, adapter) -> None:
+    """Fail before round 1, not in every client every round: the partitions must exist and
+    every configured client budget must resolve (node-config budgets are checked by clients)."""
+    partition_indices(corpus.train.labels, config.data, config.seed)
+    for client_id in range(config.data.num_clients):
+        try:
+            client_budget(adapter, config, client_id)
+        except ValueError as exc:
+            raise ConfigError(f"config key 'budget.experts' = {config.budget.experts!r}: "
+                              f"client {client_id}: {exc}") from None
+
+
 def run_server(grid: Grid, config: RunConfig) -> dict:
     """Run ``config.num_server_rounds`` rounds on ``grid``; returns the run summary."""
     started = time.perf_counter()
     corpus = load_corpus(config.data)
     test_set = tokenize(corpus.test, load_tokenizer(config.model), config.model.max_length)
     adapter = build_model(config, num_labels=len(corpus.label_names))
+    preflight(config, corpus, adapter)
     params = set_trainable(adapter, config.model.trainable_non_expert)
     recorder = RunRecorder(Path(config.out), config)
     with ProgressDisplay() as display:

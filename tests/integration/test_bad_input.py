@@ -1,0 +1,57 @@
+"""Bad input gets a clear answer: one line naming the problem, exit status 2, no traceback,
+before any round runs (a table of bad inputs through the command line's ``main``, in-process;
+tests/integration/test_runtimes.py runs a few through the installed ``hfedmoe`` executable)."""
+
+from pathlib import Path
+
+import pytest
+
+from hfedmoe.cli import main
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURES = ROOT / "tests" / "fixtures"
+
+BAD_INPUTS = [
+    # (extra arguments, fragment the one-line message must contain)
+    (["--set", "num-server-rounds=0"], "'num-server-rounds' = 0"),
+    (["--set", "num-server-round=3"], "did you mean 'num-server-rounds'"),
+    (["--set", "method=fedprox"], "'method' = 'fedprox'"),
+    (["--set", "seed=-1"], "'seed' = -1"),
+    (["--set", "train.lr=0"], "'train.lr' = 0.0"),
+    (["--set", "train.batch-size=many"], "'train.batch-size' = 'many'"),
+    (["--set", "train.fraction-train=0"], "'train.fraction-train'"),
+    (["--set", "model.top-k=9"], "'model.top-k' = 9"),
+    (["--set", "model.name=tiny:gpt_oss"], "gpt_oss"),
+    (["--set", "model.name=/nonexistent/model"], "/nonexistent/model"),
+    (["--set", "model.device=tpu"], "'model.device'"),
+    (["--set", "data.dirichlet-alpha=0"], "'data.dirichlet-alpha' = 0.0"),
+    (["--set", "data.partition=shards"], "'data.partition' = 'shards'"),
+    (["--set", "data.num-clients=5000"], "5000 clients"),
+    (["--set", "data.partition=pathological", "--set", "data.classes-per-client=9"],
+     "classes per client = 9"),
+    (["--set", "data.source=file"], "'data.path'"),
+    (["--set", "data.source=file", "--set", "data.path=/nonexistent/data.jsonl"], "data.jsonl"),
+    (["--set", "data.source=file", "--set", f"data.path={FIXTURES / 'tiny.jsonl'}",
+      "--set", "data.label-field=category"], "category"),
+    (["--set", "budget.experts=0"], "'budget.experts' = '0'"),
+    (["--set", "budget.experts=12,banana"], "banana"),
+    (["--set", "budget.experts=mem=1KB"], "needs"),
+    (["--set", "budget.per-layer=-1"], "'budget.per-layer' = -1"),
+    (["--set", "hfedmoe.lambda=1.5"], "'hfedmoe.lambda' = 1.5"),
+    (["--set", "hfedmoe.beta=-0.1"], "'hfedmoe.beta' = -0.1"),
+    (["--set", "hfedmoe.tau=2"], "'hfedmoe.tau' = 2.0"),
+    (["--config", "missing.toml"], "does not exist"),
+    (["--set", "train.lr"], "key=value"),
+]
+
+
+@pytest.mark.parametrize("args, fragment", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
+def test_bad_input_is_refused_with_one_line(tmp_path, monkeypatch, capsys, args, fragment):
+    monkeypatch.chdir(ROOT)
+    status = main(["run", "--config", "conf/tiny.toml", *args, "--out", str(tmp_path / "out")])
+    out, err = capsys.readouterr()
+    assert status == 2, out[-2000:] + err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hfedmoe: error:"), err[-2000:]
+    assert fragment in lines[0]
+    assert "round 1/" not in out  # refused before any training
