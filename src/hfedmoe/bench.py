@@ -10,13 +10,13 @@ hfedmoe.measurement), each as a ratio to full training.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from hfedmoe.client import build_model, client_data
+from hfedmoe.client import build_model, client_data, local_settings
 from hfedmoe.config import RunConfig
 from hfedmoe.model.state import read_state, set_trainable, write_state
-from hfedmoe.strategies.hfedmoe import HFedMoEMethod
-from hfedmoe.training import LocalTrainingSettings, train_locally
+from hfedmoe.strategies import method_for
+from hfedmoe.training import train_locally
 
 
 @dataclass(frozen=True)
@@ -36,15 +36,11 @@ def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) 
     params = set_trainable(adapter, config.model.trainable_non_expert)
     initial = read_state(params)
     total = adapter.geometry.total_experts
-    h = config.hfedmoe
-    method = HFedMoEMethod(h.lambda_, h.beta, h.tau, config.budget.per_layer or None)
+    method = method_for(replace(config, method="hfedmoe"))
     modes = [("full training", total, None)] + [
         (f"hfedmoe budget {b}", b, method.selector(b, adapter.geometry, config.seed))
         for b in budgets]
-    settings = LocalTrainingSettings(steps, config.train.batch_size, config.train.lr,
-                                     config.train.weight_decay, config.model.aux_loss_coef,
-                                     seed=config.seed)
-    write_state(params, initial)
+    settings = local_settings(config, config.seed, local_steps=steps)
     train_locally(adapter, list(params.values()), data, settings, None)  # warm-up
     samples: dict[str, list] = {label: [] for label, _, _ in modes}
     for _ in range(repeats):

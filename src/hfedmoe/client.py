@@ -58,6 +58,19 @@ def client_data(config: RunConfig, partition_id: int) -> tuple[TokenizedSet, int
     return tokenize(train_set, tokenizer, config.model.max_length), len(corpus.label_names)
 
 
+def local_settings(config: RunConfig, seed: int, local_steps: int | None = None
+                   ) -> LocalTrainingSettings:
+    """The local-training settings of ``config`` (``local_steps`` overrides train.local-steps)."""
+    return LocalTrainingSettings(
+        local_steps=config.train.local_steps if local_steps is None else local_steps,
+        batch_size=config.train.batch_size,
+        lr=config.train.lr,
+        weight_decay=config.train.weight_decay,
+        aux_loss_coef=config.model.aux_loss_coef,
+        seed=seed,
+    )
+
+
 class ClientResources:
     """Per-process reuse of the built model (one) and of tokenized partitions (a few)."""
 
@@ -103,14 +116,7 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
     budget = client_budget(adapter, config, partition_id, node_budget)
     method = method_for(config)
     seed = round_seed(config.seed, server_round, partition_id)
-    settings = LocalTrainingSettings(
-        local_steps=config.train.local_steps,
-        batch_size=config.train.batch_size,
-        lr=config.train.lr,
-        weight_decay=config.train.weight_decay,
-        aux_loss_coef=config.model.aux_loss_coef,
-        seed=seed,
-    )
+    settings = local_settings(config, seed)
     if not method.participates(budget, adapter.geometry):
         g = adapter.geometry
         return ClientRound(budget, {}, skipped_round(len(data), g.num_layers, g.num_experts))
