@@ -239,9 +239,13 @@ def resolve_budget(spec: str, client_id: int, node_spec: str | int | None = None
 
     ``spec``: the run's budget string (simulation); ``node_spec``: the SuperNode's node config
     value (deployment) - it wins when present and non-empty. Both use the spec syntax of this
-    module; the entry ``client_id % len(entries)`` applies. Direct budgets above
-    ``total_experts`` mean all experts; profiles go through :func:`budget_from_profile` and then
-    need ``cost`` and ``base_bytes``.
+    module; the entry ``client_id % len(entries)`` applies. Profiles go through
+    :func:`budget_from_profile` and then need ``cost`` and ``base_bytes``.
+
+    A budget must lie in [``min_budget``, ``total_experts``]: a direct integer above the
+    model's experts or any budget below ``min_budget`` (the model's top-k in practice: fewer
+    experts cannot hold even one token's routed experts of one layer) raises ValueError - it is
+    a mistake in the spec, not something to round silently.
     """
     if client_id < 0:
         raise ValueError(f"client_id must be >= 0, got {client_id}")
@@ -253,10 +257,21 @@ def resolve_budget(spec: str, client_id: int, node_spec: str | int | None = None
     if entry == ALL:
         return total_experts
     if isinstance(entry, int):
-        return min(entry, total_experts)
+        if entry > total_experts:
+            raise ValueError(f"budget {entry} exceeds the model's {total_experts} experts "
+                             "(use 'all' or '100%' for every expert)")
+        return _at_least(entry, min_budget, f"budget {entry}")
     if isinstance(entry, ExpertShare):
-        return entry.experts(total_experts)
+        return _at_least(entry.experts(total_experts), min_budget,
+                         f"budget {entry.fraction:.0%} of {total_experts} experts")
     if cost is None:
         raise ValueError(f"budget spec '{chosen}': device profile '{entry.name}' needs a cost "
                          "model (ExpertCost) to become a budget")
     return budget_from_profile(entry, cost, base_bytes, total_experts, min_budget)
+
+
+def _at_least(budget: int, min_budget: int, what: str) -> int:
+    if budget < min_budget:
+        raise ValueError(f"{what} = {budget} is below the minimum of {min_budget} (the model's "
+                         "top-k: one token's routed experts of one layer)")
+    return budget

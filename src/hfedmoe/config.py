@@ -22,12 +22,16 @@ from typing import Any, Mapping
 
 Scalar = bool | int | float | str
 
-METHODS = ("hfedmoe", "fedavg", "fedavg-full", "fedavg-drop", "random-subset", "hfedmoe-no-ib",
-           "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate")
-DATA_SOURCES = ("bbc-news", "file", "hf")
+METHODS = ("hfedmoe", "fedavg", "fedavg-full", "fedavg-drop", "random-subset", "fedmoe", "flex",
+           "hfedmoe-no-ib", "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate")
+DATA_SOURCES = ("bbc-news", "wordnet", "file", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 TRAINABLE_NON_EXPERT = ("head", "all")
 RUNTIMES = ("ray", "inprocess")
+ON_TOO_FEW = ("skip", "retry")
+ROBUST_AGGREGATIONS = ("mean", "clip", "trimmed-mean")
+FAILURE_MODES = ("raise", "hang")
+ATTACKS = ("sign-flip", "scale")
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -140,6 +144,7 @@ class ModelConfig:
 class DataConfig:
     source: str
     path: str
+    max_examples: int
     hf_name: str
     text_field: str
     label_field: str
@@ -149,6 +154,7 @@ class DataConfig:
     dirichlet_alpha: float
     classes_per_client: int
     min_partition_size: int
+    client_test_fraction: float
 
     def __post_init__(self) -> None:
         _choice("data.source", self.source, DATA_SOURCES)
@@ -164,6 +170,10 @@ class DataConfig:
                  "an integer >= 1")
         _require(self.min_partition_size >= 0, "data.min-partition-size", self.min_partition_size,
                  "an integer >= 0")
+        _require(self.max_examples >= 0, "data.max-examples", self.max_examples,
+                 "an integer >= 0 (0 = all examples)")
+        _require(0 <= self.client_test_fraction < 1, "data.client-test-fraction",
+                 self.client_test_fraction, "a number in [0, 1) (0 = no per-client test split)")
 
 
 @dataclass(frozen=True)
@@ -227,6 +237,86 @@ class SimulationConfig:
 
 
 @dataclass(frozen=True)
+class FederationConfig:
+    min_replies: int
+    on_too_few: str
+    max_retries: int
+    round_timeout: float
+    sampling_deadline: float
+    max_update_norm: float  # 0 = no bound
+
+    def __post_init__(self) -> None:
+        _require(self.min_replies >= 1, "federation.min-replies", self.min_replies,
+                 "an integer >= 1")
+        _choice("federation.on-too-few", self.on_too_few, ON_TOO_FEW)
+        _require(self.max_retries >= 0, "federation.max-retries", self.max_retries,
+                 "an integer >= 0")
+        _require(self.round_timeout > 0 and math.isfinite(self.round_timeout),
+                 "federation.round-timeout", self.round_timeout, "a finite number of seconds > 0")
+        _require(self.sampling_deadline > 0 and math.isfinite(self.sampling_deadline),
+                 "federation.sampling-deadline", self.sampling_deadline,
+                 "a finite number of seconds > 0")
+        _require(self.max_update_norm >= 0 and math.isfinite(self.max_update_norm),
+                 "federation.max-update-norm", self.max_update_norm,
+                 "a finite number >= 0 (0 = no bound)")
+
+
+@dataclass(frozen=True)
+class RobustConfig:
+    aggregation: str
+    clip_norm: float  # 0 = the round's median norm
+    trim_fraction: float
+
+    def __post_init__(self) -> None:
+        _choice("robust.aggregation", self.aggregation, ROBUST_AGGREGATIONS)
+        _require(self.clip_norm >= 0 and math.isfinite(self.clip_norm), "robust.clip-norm",
+                 self.clip_norm, "a finite number >= 0 (0 = the round's median norm)")
+        _require(0 <= self.trim_fraction < 0.5, "robust.trim-fraction", self.trim_fraction,
+                 "a number in [0, 0.5)")
+
+
+@dataclass(frozen=True)
+class FaultsConfig:
+    """Fault and attack injection, for testing a deployment's resilience (off by default)."""
+
+    client_failure_rate: float
+    failure_mode: str
+    attackers: str  # comma-separated client ids; see attacker_ids
+    attack: str
+    attack_scale: float
+
+    def __post_init__(self) -> None:
+        _require(0 <= self.client_failure_rate < 1, "faults.client-failure-rate",
+                 self.client_failure_rate, "a number in [0, 1)")
+        _choice("faults.failure-mode", self.failure_mode, FAILURE_MODES)
+        try:
+            self.attacker_ids
+        except ValueError:
+            _require(False, "faults.attackers", self.attackers,
+                     "comma-separated client ids (integers >= 0), or '' for none")
+        _choice("faults.attack", self.attack, ATTACKS)
+        _require(self.attack_scale > 0 and math.isfinite(self.attack_scale),
+                 "faults.attack-scale", self.attack_scale, "a finite number > 0")
+
+    @property
+    def attacker_ids(self) -> frozenset[int]:
+        ids = frozenset(int(part) for part in self.attackers.split(",") if part.strip())
+        if any(i < 0 for i in ids):
+            raise ValueError("negative client id")
+        return ids
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int  # rounds between checkpoints; 0 = never
+    keep: int
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, "checkpoint.every", self.every, "an integer >= 0 (0 = never)")
+        _require(self.keep >= 1, "checkpoint.keep", self.keep, "an integer >= 1")
+
+
+@dataclass(frozen=True)
 class RunConfig:
     method: str
     num_server_rounds: int
@@ -238,12 +328,29 @@ class RunConfig:
     budget: BudgetConfig
     hfedmoe: HFedMoEConfig
     simulation: SimulationConfig
+    federation: FederationConfig
+    robust: RobustConfig
+    faults: FaultsConfig
+    checkpoint: CheckpointConfig
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds,
                  "an integer >= 1")
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
+        sampled = self.sampled_per_round
+        _require(self.federation.min_replies <= sampled, "federation.min-replies",
+                 self.federation.min_replies,
+                 f"an integer <= the {sampled} clients sampled per round "
+                 "(train.fraction-train x data.num-clients)")
+        _require(all(i < self.data.num_clients for i in self.faults.attacker_ids),
+                 "faults.attackers", self.faults.attackers,
+                 f"client ids below data.num-clients = {self.data.num_clients}")
+
+    @property
+    def sampled_per_round(self) -> int:
+        """Clients sampled per round when all ``data.num-clients`` nodes are connected."""
+        return max(1, round(self.train.fraction_train * self.data.num_clients))
 
     def to_flat(self) -> dict[str, Scalar]:
         """The flat, hyphenated form (inverse of :func:`parse_run_config`)."""
@@ -259,7 +366,9 @@ class RunConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "simulation": SimulationConfig}
+             "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "simulation": SimulationConfig,
+             "federation": FederationConfig, "robust": RobustConfig, "faults": FaultsConfig,
+             "checkpoint": CheckpointConfig}
 
 
 def parse_run_config(*layers: Mapping[str, Scalar]) -> RunConfig:

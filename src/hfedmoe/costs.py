@@ -48,8 +48,10 @@ def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, 
 
 def client_budget(adapter: MoEAdapter, config: RunConfig, client_id: int,
                   node_budget: str | int | None = None) -> int:
-    """C_budget of ``client_id``: from its node config (deployment) or the run config."""
+    """C_budget of ``client_id``: from its node config (deployment) or the run config; at
+    least the model's top-k (see hfedmoe.budget.resolve_budget)."""
     cost, base = training_costs(adapter, config)
+    geometry = adapter.geometry
     return resolve_budget(config.budget.experts, client_id, node_budget,
-                          total_experts=adapter.geometry.total_experts, cost=cost,
-                          base_bytes=base, min_budget=1)
+                          total_experts=geometry.total_experts, cost=cost, base_bytes=base,
+                          min_budget=min(geometry.top_k, geometry.total_experts))

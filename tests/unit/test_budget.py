@@ -1,6 +1,7 @@
 """Device profiles, spec strings and the cost model -> C_budget, against hand computations."""
 
 import math
+import re
 
 import pytest
 
@@ -128,8 +129,8 @@ def test_profile_that_cannot_hold_min_budget_names_itself_and_the_bytes():
         budget_from_profile(DeviceProfile("tiny", 50, 1.0), cost, 100, 12)  # base alone too big
 
 
-def test_resolve_budget_cycles_clips_and_node_config_wins():
-    spec = "2,4,100"
+def test_resolve_budget_cycles_and_node_config_wins():
+    spec = "2,4,48"
     got = [resolve_budget(spec, c, total_experts=48) for c in range(6)]
     assert got == [2, 4, 48, 2, 4, 48]
     assert resolve_budget("all", 3, total_experts=48) == 48
@@ -143,6 +144,17 @@ def test_resolve_budget_cycles_clips_and_node_config_wins():
         resolve_budget("phone", 0, total_experts=48)
     with pytest.raises(ValueError, match="client_id"):
         resolve_budget("2", -1, total_experts=48)
+
+
+@pytest.mark.parametrize("spec, fragment", [
+    ("49", "budget 49 exceeds the model's 48 experts"),
+    ("1", "budget 1 = 1 is below the minimum of 2"),
+    ("2%", "budget 2% of 48 experts = 1 is below the minimum of 2"),
+])
+def test_budgets_outside_the_model_are_rejected_not_rounded(spec, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        resolve_budget(spec, 0, total_experts=48, min_budget=2)
+    assert resolve_budget("2,48", 1, total_experts=48, min_budget=2) == 48  # bounds allowed
 
 
 def test_share_entries_are_shares_of_all_experts():
