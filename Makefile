@@ -27,3 +27,17 @@ test: setup
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The benchmark set-up: WordNet 3.0 (data.source = "wordnet") from the Debian package
+# wordnet-base, installed with apt-get as root, else with sudo, else the command is printed.
+WORDNET_APT := apt-get install -y --no-install-recommends wordnet-base
+.PHONY: bench-setup results
+bench-setup:
+	@if [ -f /usr/share/wordnet/data.noun ]; then echo "wordnet-base is installed"; \
+	elif [ "$$(id -u)" = 0 ]; then $(WORDNET_APT) || { apt-get update && $(WORDNET_APT); }; \
+	elif command -v sudo >/dev/null 2>&1; then sudo $(WORDNET_APT) || { sudo apt-get update && sudo $(WORDNET_APT); }; \
+	else echo "bench-setup: run as root: $(WORDNET_APT)" >&2; exit 1; fi
+
+# docs/results.md: every method on BBC News and WordNet at two Dirichlet alphas, 3 seeds (hours).
+results: setup bench-setup
+	tools/results.sh $(ARGS)

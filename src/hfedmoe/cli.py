@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Sequence
 
 from hfedmoe.config import ConfigError, load_config_file, parse_assignment, parse_run_config
+from hfedmoe.deploy_cli import add_deploy_parser
 
 EPILOG = """\
 examples:
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="output directory (same as --set out=DIR; default runs/default)")
     run.add_argument("--verbose", action="store_true",
                      help="also show Flower's own log (INFO level)")
+    run.add_argument("--resume", metavar="DIR",
+                     help="continue the run in DIR from its last complete checkpoint (its "
+                          "config.toml; --set may change num-server-rounds, simulation.*, "
+                          "checkpoint.* and the federation timeouts)")
     comp = commands.add_parser(
         "compare", help="run several methods side by side",
         description="Run each method (and each seed) with otherwise identical configuration - "
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
     step.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     step.add_argument("--out", metavar="DIR", help=argparse.SUPPRESS)
+    add_deploy_parser(commands)
     return parser
 
 
@@ -83,6 +89,8 @@ def _add_config_options(command: argparse.ArgumentParser) -> None:
 
 
 def resolve_config(args: argparse.Namespace):
+    if getattr(args, "resume", None):
+        return _resume_config(args)
     layers = [load_config_file(path) for path in args.config]
     layers.append(dict(parse_assignment(text) for text in args.overrides))
     if args.out:
@@ -91,8 +99,21 @@ def resolve_config(args: argparse.Namespace):
     return parse_run_config(*layers, {"out": str(Path(config.out).resolve())})
 
 
+def _resume_config(args: argparse.Namespace):
+    """The configuration of the run in ``--resume DIR``, continued from its checkpoints."""
+    if args.config or args.out:
+        raise ConfigError("--resume DIR takes the run's own DIR/config.toml; --config and "
+                          "--out cannot be combined with it")
+    directory = Path(args.resume).resolve()
+    saved = load_config_file(directory / "config.toml")
+    overrides = dict(parse_assignment(text) for text in args.overrides)
+    return parse_run_config(saved, overrides, {"out": str(directory), "checkpoint.resume": True})
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "deploy":
+        return _deploy(args)
     from hfedmoe.runner import prepare_environment, run_experiment
 
     prepare_environment(args.verbose)  # before transformers is imported: it reads the env once
@@ -113,6 +134,16 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"after {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s; "
           f"outputs in {config.out}")
     return 0
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    from hfedmoe.deploy_cli import run_deploy
+
+    try:
+        return run_deploy(args)
+    except (ConfigError, OSError, TimeoutError, RuntimeError) as exc:
+        print(f"hfedmoe: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _compare(config, args: argparse.Namespace) -> int:

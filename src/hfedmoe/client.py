@@ -7,28 +7,35 @@ weights or a seeded random init), so the only tensors that travel are the traina
 for the next round or the next client on the same process (a Ray actor serves many). Reusing
 the model is exact: every trainable tensor is overwritten from the global state at the start
 of each round and the frozen ones never change (no optimizer touches them).
+
+A method may keep a client's personal state across rounds (flex: its personal experts and
+routers): the caller passes the stored tensors in, they are loaded over the global state, and
+the round returns the new values to store; they are never uploaded. :func:`evaluate_client`
+is the personalised evaluation: the same loading, then accuracy on the client's own test split.
 """
 
 from __future__ import annotations
 
 import json
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import torch
 
 from hfedmoe.config import RunConfig
 from hfedmoe.costs import client_budget
-from hfedmoe.data import client_train_set, load_corpus, tokenize
+from hfedmoe.data import client_split, load_corpus, tokenize
 from hfedmoe.data.tokenize import TokenizedSet
 from hfedmoe.model import load_adapter, load_tokenizer
 from hfedmoe.model.adapter import MoEAdapter
 from hfedmoe.model.state import read_state, set_trainable, write_state
-from hfedmoe.strategies import method_for
+from hfedmoe.strategies import ClientPlan, Method, method_for, plan_round
 from hfedmoe.training import (
     LocalTrainingResult,
     LocalTrainingSettings,
+    evaluate,
+    routing_counts,
     skipped_round,
     train_locally,
 )
@@ -39,6 +46,21 @@ class ClientRound:
     budget_experts: int  # C_budget(c) this client resolved
     upload: dict[str, torch.Tensor]
     result: LocalTrainingResult
+    personal: dict[str, torch.Tensor] = field(default_factory=dict)  # kept, never uploaded
+
+
+@dataclass(frozen=True)
+class ClientData:
+    train: TokenizedSet
+    test: TokenizedSet | None  # the client's own test split; None when it has none
+    num_labels: int
+
+
+@dataclass(frozen=True)
+class ClientEvaluation:
+    accuracy: float
+    loss: float  # mean cross-entropy
+    num_examples: int  # size of the client's test split (0: nothing evaluated)
 
 
 def round_seed(seed: int, server_round: int, client_id: int) -> int:
@@ -50,12 +72,21 @@ def build_model(config: RunConfig, num_labels: int) -> MoEAdapter:
     return load_adapter(config.model, num_labels=num_labels, seed=config.seed)
 
 
-def client_data(config: RunConfig, partition_id: int) -> tuple[TokenizedSet, int]:
-    """This client's tokenized training partition and the number of labels."""
+def client_datasets(config: RunConfig, partition_id: int) -> ClientData:
+    """This client's tokenized training and test splits (hfedmoe.data.client_split)."""
     corpus = load_corpus(config.data)
-    train_set = client_train_set(corpus, config.data, config.seed, partition_id)
+    train_set, test_set = client_split(corpus, config.data, config.seed, partition_id)
     tokenizer = load_tokenizer(config.model)
-    return tokenize(train_set, tokenizer, config.model.max_length), len(corpus.label_names)
+    length = config.model.max_length
+    return ClientData(tokenize(train_set, tokenizer, length),
+                      tokenize(test_set, tokenizer, length) if len(test_set) else None,
+                      len(corpus.label_names))
+
+
+def client_data(config: RunConfig, partition_id: int) -> tuple[TokenizedSet, int]:
+    """This client's tokenized training split and the number of labels."""
+    data = client_datasets(config, partition_id)
+    return data.train, data.num_labels
 
 
 def local_settings(config: RunConfig, seed: int, local_steps: int | None = None
@@ -79,15 +110,15 @@ class ClientResources:
     def __init__(self) -> None:
         self._model_key: str | None = None
         self._model: MoEAdapter | None = None
-        self._data: dict[str, tuple[TokenizedSet, int]] = {}
+        self._data: dict[str, ClientData] = {}
 
-    def data(self, config: RunConfig, partition_id: int) -> tuple[TokenizedSet, int]:
+    def data(self, config: RunConfig, partition_id: int) -> ClientData:
         key = json.dumps([config.data.__dict__, config.model.name, config.model.max_length,
                           config.seed, partition_id], sort_keys=True)
         if key not in self._data:
             if len(self._data) >= self.MAX_PARTITIONS:
                 self._data.clear()
-            self._data[key] = client_data(config, partition_id)
+            self._data[key] = client_datasets(config, partition_id)
         return self._data[key]
 
     def model(self, config: RunConfig, num_labels: int) -> MoEAdapter:
@@ -100,27 +131,62 @@ class ClientResources:
 def run_client_round(config: RunConfig, partition_id: int, server_round: int,
                      global_state: Mapping[str, torch.Tensor],
                      node_budget: str | int | None = None,
-                     resources: ClientResources | None = None) -> ClientRound:
-    """Load the global state, train locally under this client's budget, return the upload.
+                     resources: ClientResources | None = None,
+                     personal: Mapping[str, torch.Tensor] | None = None) -> ClientRound:
+    """Load the global state (then ``personal``, the client's stored personal state), train
+    locally under this client's budget, return the upload and the personal state to keep.
 
     ``node_budget``: the SuperNode's ``budget`` node-config value (deployment); it wins over
     the run config's ``budget.experts``.
     """
     resources = resources or ClientResources()
-    data, num_labels = resources.data(config, partition_id)
-    adapter = resources.model(config, num_labels)
-    params = set_trainable(adapter, config.model.trainable_non_expert)
-    if set(global_state) != set(params):
-        raise ValueError("the global state does not cover exactly this model's trainable tensors")
-    write_state(params, global_state)
+    data = resources.data(config, partition_id)
+    adapter = resources.model(config, data.num_labels)
+    params = _load(adapter, config, global_state, personal or {})
     budget = client_budget(adapter, config, partition_id, node_budget)
     method = method_for(config)
     seed = round_seed(config.seed, server_round, partition_id)
     settings = local_settings(config, seed)
     if not method.participates(budget, adapter.geometry):
         g = adapter.geometry
-        return ClientRound(budget, {}, skipped_round(len(data), g.num_layers, g.num_experts))
-    result = train_locally(adapter, list(params.values()), data, settings,
-                           method.selector(budget, adapter.geometry, seed))
-    upload = method.upload(read_state(params), result)
-    return ClientRound(budget_experts=budget, upload=upload, result=result)
+        return ClientRound(budget, {}, skipped_round(len(data.train), g.num_layers,
+                                                     g.num_experts), dict(personal or {}))
+    plan = _plan(method, config, adapter, data.train, budget, seed, personal or {})
+    result = train_locally(adapter, list(params.values()), data.train, settings, plan.selector)
+    trained = read_state(params)
+    kept = plan.personal_keys(trained)
+    upload = {k: v for k, v in method.upload(trained, result).items() if k not in kept}
+    return ClientRound(budget, upload, result, {k: trained[k] for k in sorted(kept)})
+
+
+def evaluate_client(config: RunConfig, partition_id: int, global_state: Mapping[str, torch.Tensor],
+                    personal: Mapping[str, torch.Tensor] | None = None,
+                    resources: ClientResources | None = None) -> ClientEvaluation:
+    """Accuracy of the global state, with the client's personal state loaded over it, on the
+    client's own test split (personalised evaluation; nothing is trained)."""
+    resources = resources or ClientResources()
+    data = resources.data(config, partition_id)
+    if data.test is None:
+        return ClientEvaluation(0.0, 0.0, 0)
+    adapter = resources.model(config, data.num_labels)
+    _load(adapter, config, global_state, personal or {})
+    accuracy, loss = evaluate(adapter, data.test, config.train.eval_batch_size)
+    return ClientEvaluation(accuracy, loss, len(data.test))
+
+
+def _load(adapter: MoEAdapter, config: RunConfig, global_state: Mapping[str, torch.Tensor],
+          personal: Mapping[str, torch.Tensor]) -> dict[str, torch.nn.Parameter]:
+    params = set_trainable(adapter, config.model.trainable_non_expert)
+    if set(global_state) != set(params):
+        raise ValueError("the global state does not cover exactly this model's trainable tensors")
+    write_state(params, global_state)
+    write_state(params, personal)
+    return params
+
+
+def _plan(method: Method, config: RunConfig, adapter: MoEAdapter, train: TokenizedSet,
+          budget: int, seed: int, personal: Mapping[str, torch.Tensor]) -> ClientPlan:
+    def probe() -> torch.Tensor:  # (L, S) routing counts of the loaded model on ``train``
+        return routing_counts(adapter, train, config.train.eval_batch_size)
+
+    return plan_round(method, budget, adapter.geometry, seed, probe, personal)

@@ -4,7 +4,9 @@ Each (method, seed) is an ordinary run (``DIR/<method>/seed-<s>/``, with all its
 ``method`` and ``seed`` differ from the given configuration, so partitions, budgets, local
 steps and evaluation are identical across methods for a seed. Writes ``comparison.json``
 (per method: the summary fields as mean/std/values over seeds, plus ``rounds_to_target`` and
-``seconds_to_target``), ``comparison.md`` (a table of the same numbers) and plots.
+``seconds_to_target``; ``final_personal_accuracy`` is the mean over clients of each client's
+accuracy on its own test split, the personalised view beside the global test accuracy),
+``comparison.md`` (a table of the same numbers) and plots.
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from typing import Any, Callable, Mapping, Sequence
 from hfedmoe.config import RunConfig, parse_run_config
 from hfedmoe.plots import plot_comparison
 
-SCALAR_FIELDS = ("final_accuracy", "best_accuracy", "rounds_to_target", "seconds_to_target",
-                 "bytes_up", "bytes_down", "wall_seconds")
+SCALAR_FIELDS = ("final_accuracy", "final_personal_accuracy", "best_accuracy",
+                 "rounds_to_target", "seconds_to_target", "bytes_up", "bytes_down",
+                 "wall_seconds")
 
 
 def rounds_to_target(summary: Mapping[str, Any], target: float) -> int | None:
@@ -52,7 +55,7 @@ def summarise_method(summaries: Sequence[Mapping[str, Any]], target: float) -> d
              "seconds_to_target": seconds_to_target(s, target)} for s in summaries]
     by_round = list(zip(*(s["accuracy_by_round"] for s in summaries)))
     return {
-        **{field: _stats([row[field] for row in rows]) for field in SCALAR_FIELDS},
+        **{field: _stats([row.get(field) for row in rows]) for field in SCALAR_FIELDS},
         "accuracy_by_round_mean": [statistics.fmean(r) for r in by_round],
         "within_budget": all(c.get("within_budget", True) for s in summaries
                              for c in s["clients"]),
@@ -62,9 +65,10 @@ def summarise_method(summaries: Sequence[Mapping[str, Any]], target: float) -> d
     }
 
 
-def _cell(stats: Mapping[str, Any], scale: float = 1.0, digits: int = 3) -> str:
+def _cell(stats: Mapping[str, Any], scale: float = 1.0, digits: int = 3,
+          missing: str = "never") -> str:
     if stats["mean"] is None:
-        return "never"
+        return missing
     return f"{stats['mean'] / scale:.{digits}f} ± {stats['std'] / scale:.{digits}f}"
 
 
@@ -74,13 +78,15 @@ def comparison_table(comparison: Mapping[str, Any]) -> str:
         f"Target accuracy: {comparison['target_accuracy']}; seeds: {comparison['seeds']}; "
         "mean ± std over seeds.",
         "",
-        "| method | final acc | best acc | rounds to target | s to target | MiB up | MiB down "
-        "| within budget |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | final acc | personal acc | best acc | rounds to target | s to target "
+        "| MiB up | MiB down | within budget |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for name, m in comparison["methods"].items():
+        personal = m.get("final_personal_accuracy", {"mean": None})
         lines.append(
-            f"| {name} | {_cell(m['final_accuracy'])} | {_cell(m['best_accuracy'])} "
+            f"| {name} | {_cell(m['final_accuracy'])} | {_cell(personal, missing='n/a')} "
+            f"| {_cell(m['best_accuracy'])} "
             f"| {_cell(m['rounds_to_target'], digits=1)} | {_cell(m['seconds_to_target'], digits=0)} "
             f"| {_cell(m['bytes_up'], 2**20, 1)} | {_cell(m['bytes_down'], 2**20, 1)} "
             f"| {'yes' if m['within_budget'] else 'no'} |")

@@ -310,6 +310,7 @@ class FaultsConfig:
 class CheckpointConfig:
     every: int  # rounds between checkpoints; 0 = never
     keep: int
+    resume: bool
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, "checkpoint.every", self.every, "an integer >= 0 (0 = never)")

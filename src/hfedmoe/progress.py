@@ -111,6 +111,8 @@ def format_round_line(record: Mapping[str, Any], num_rounds: int) -> str:
     head = "round 0 (initial model)" if number == 0 else f"round {number}/{num_rounds} done"
     parts = [f"accuracy {_number(record.get('accuracy'), '.4f')}",
              f"loss {_number(record.get('loss'), '.4f')}"]
+    if record.get("personal_accuracy") is not None:
+        parts.append(f"personal accuracy {_number(record.get('personal_accuracy'), '.4f')}")
     if record.get("train_loss") is not None:
         parts.append(f"train loss {_number(record.get('train_loss'), '.4f')}")
     parts += [f"up {format_bytes(record.get('bytes_up'))}",

@@ -25,7 +25,11 @@ The round record (produced by the federation code, one per evaluated round)::
          "max_active_experts_per_batch": int,   # max experts with gradient in one batch
          "peak_memory_bytes": int, "mean_step_seconds": float,
          "bytes_up": int, "bytes_down": int}],
-     "failures": [{"client_id": int, "reason": str}]}   # replies lost or rejected
+     "failures": [{"client_id": int, "reason": str}],   # replies lost or rejected
+     # personalised evaluation (rounds >= 1 when data.client-test-fraction > 0; else None/absent):
+     "personal_accuracy": float | None,          # unweighted mean of the per-client accuracies
+     "personal_accuracy_weighted": float | None, # the same weighted by test examples
+     "personal": [{"client_id": int, "num_examples": int, "accuracy": float, "loss": float}]}
 
 Records may carry extra keys (method diagnostics); they are kept verbatim in metrics.jsonl
 and ignored by the summary. Values must be JSON-serialisable; NumPy/torch scalars and
@@ -64,19 +68,26 @@ FAILURE_KEYS = ("client_id", "reason")
 class RunRecorder:
     """Writes one run's outputs into ``out_dir``.
 
-    Construction creates ``out_dir``, writes ``config.toml`` and starts an EMPTY
-    ``metrics.jsonl``: a recorder always begins a new run, and outputs of an earlier run in
-    the same directory are replaced. Each :meth:`record_round` line is durable (fsync) when
-    the call returns, so a crashed run keeps every completed round.
+    Construction creates ``out_dir``, writes ``config.toml`` and starts ``metrics.jsonl``
+    with ``records`` (those of a checkpoint when a run resumes; none for a new run): outputs
+    of an earlier run in the same directory are replaced. Each :meth:`record_round` line is
+    durable (fsync) when the call returns, so a crashed run keeps every completed round.
     """
 
-    def __init__(self, out_dir: Path, config: RunConfig) -> None:
+    def __init__(self, out_dir: Path, config: RunConfig,
+                 records: Sequence[Mapping[str, Any]] = ()) -> None:
         self.out_dir = Path(out_dir)
         self.config = config
-        self._records: list[dict[str, Any]] = []
+        self._records: list[dict[str, Any]] = [dict(r) for r in records]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.out_dir / CONFIG_FILE, config_to_toml(config))
-        _write_atomic(self.out_dir / METRICS_FILE, "")
+        _write_atomic(self.out_dir / METRICS_FILE, "".join(
+            json.dumps(r, default=_json_default) + "\n" for r in self._records))
+
+    @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records written so far (copies)."""
+        return [json.loads(json.dumps(r, default=_json_default)) for r in self._records]
 
     def record_round(self, record: Mapping[str, Any]) -> None:
         """Validate ``record`` (see the module docstring) and append it to metrics.jsonl."""
@@ -148,7 +159,8 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
 
     ``rounds`` counts records with round >= 1. ``*_by_round`` lists are indexed by round
     number from 0 to the last round; a round without a record is ``None``. ``final_*`` come
-    from the last round; ``best_accuracy`` is the maximum over all evaluated rounds
+    from the last round (``final_personal_accuracy``: its personalised accuracy, None if not
+    evaluated); ``best_accuracy`` is the maximum over all evaluated rounds
     (round 0 included), ``best_round`` the earliest round reaching it. Byte totals sum all
     records. Per client (sorted by id): ``budget_experts`` and ``num_examples`` as reported
     in its latest round, maxima of active experts and peak memory, the number of records
@@ -170,7 +182,10 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
         "final_loss": by_round[last]["loss"],
         "best_accuracy": accuracies[best_round] if best_round is not None else None,
         "best_round": best_round,
+        "final_personal_accuracy": by_round[last].get("personal_accuracy"),
         "accuracy_by_round": _by_round(by_round, last, "accuracy"),
+        "personal_accuracy_by_round": [by_round[r].get("personal_accuracy") if r in by_round
+                                       else None for r in range(last + 1)],
         "loss_by_round": _by_round(by_round, last, "loss"),
         "train_loss_by_round": _by_round(by_round, last, "train_loss"),
         "round_seconds_by_round": _by_round(by_round, last, "round_seconds"),

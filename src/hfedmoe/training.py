@@ -178,6 +178,38 @@ def train_locally(
 
 
 @torch.no_grad()
+def routing_counts(adapter: MoEAdapter, data: TokenizedSet, batch_size: int) -> torch.Tensor:
+    """Activation frequency of every expert on ``data`` under the current model: (L, S) int64,
+    the number of top-k routing slots of real (non-padding) tokens sent to each expert.
+
+    Forward only (no gradient, no training), one pass in order; dropped slots (value S) are
+    not counted. Used by methods that choose experts from activation statistics.
+    """
+    model, geometry = adapter.model, adapter.geometry
+    device = next(model.parameters()).device
+    model.eval()
+    counts = torch.zeros(geometry.num_layers, geometry.num_experts, dtype=torch.int64)
+    for batch in eval_batches(data, batch_size):
+        batch = _to_device(batch, device)
+        with adapter.trace_routing() as trace:
+            model(batch["input_ids"], batch["attention_mask"])
+        counts += trace_counts(trace, batch["attention_mask"], geometry.num_experts)
+    return counts
+
+
+def trace_counts(trace: RoutingTrace, attention_mask: torch.Tensor, num_experts: int
+                 ) -> torch.Tensor:
+    """(L, S) int64: top-k routing slots of the real tokens of one batch sent to each expert
+    (dropped slots, value S, are not counted)."""
+    real = token_mask(attention_mask)  # (B*T,)
+    rows = []
+    for index in trace.top_k_index:
+        chosen = index[real].reshape(-1).cpu()  # (N*k,)
+        rows.append(torch.bincount(chosen[chosen < num_experts], minlength=num_experts))
+    return torch.stack(rows).to(torch.int64)
+
+
+@torch.no_grad()
 def evaluate(adapter: MoEAdapter, data: TokenizedSet, batch_size: int) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of the model on ``data``."""
     model = adapter.model

@@ -41,7 +41,8 @@ def test_fedavg_learns_and_writes_every_output(tmp_path):
         assert 0 < client["max_active_experts_per_batch"] <= client["budget_experts"]
         assert client["peak_memory_bytes"] > 0 and client["num_examples"] > 0
     sizes = sum(c["num_examples"] for c in summary["clients"])
-    assert sizes == 1701  # the whole BBC train split, partitioned without loss
+    tested = sum(e["num_examples"] for e in rounds[-1]["personal"])  # clients' own test splits
+    assert sizes + tested == 1701  # the whole BBC train split, partitioned without loss
 
 
 @pytest.mark.parametrize("family", ["switch_transformers", "deepseek_v3"])

@@ -35,6 +35,8 @@ def test_ray_simulation_runtime_matches_inprocess(tmp_path):
     assert ray["rounds"] == 2 and len(ray["clients"]) == 3
     # same seeds, same partitions, same arithmetic: the runtime does not change the result
     assert ray["accuracy_by_round"] == pytest.approx(local["accuracy_by_round"], abs=1e-6)
+    assert ray["personal_accuracy_by_round"][1:] == pytest.approx(
+        local["personal_accuracy_by_round"][1:], abs=1e-6)  # clients' evaluate handler, on Ray
     assert ray["bytes_up"] == local["bytes_up"]
 
 

@@ -98,7 +98,7 @@ def test_client_train_set_is_the_partition():
     texts = tuple(f"text {i}" for i in range(len(LABELS)))
     names = tuple(map(str, range(NUM_CLASSES)))
     corpus = Corpus(TextDataset(texts, LABELS, names), TextDataset(("t",), (0,), names), names)
-    cfg = data_config(num_clients=4)
+    cfg = data_config(num_clients=4, client_test_fraction=0.0)  # no per-client test split
     parts = partition_indices(LABELS, cfg, seed=2)
     for client in range(4):
         mine = client_train_set(corpus, cfg, 2, client)

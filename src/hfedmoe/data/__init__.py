@@ -2,6 +2,9 @@
 
 from hfedmoe.data.corpora import Corpus, DataError, TextDataset, load_corpus
 from hfedmoe.data.partition import (
+    client_split,
+    client_split_sizes,
+    client_test_size,
     client_train_set,
     dirichlet_partition,
     iid_partition,
@@ -17,6 +20,9 @@ __all__ = [
     "TextDataset",
     "TokenizedSet",
     "batches",
+    "client_split",
+    "client_split_sizes",
+    "client_test_size",
     "client_train_set",
     "dirichlet_partition",
     "eval_batches",

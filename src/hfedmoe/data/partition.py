@@ -8,6 +8,7 @@ client process recomputes the same partitions and keeps its own.
 
 from __future__ import annotations
 
+import random
 import warnings
 from collections import Counter
 from typing import Callable, Sequence
@@ -42,11 +43,53 @@ def partition_indices(labels: Sequence[int], cfg: DataConfig, seed: int) -> list
 
 
 def client_train_set(corpus: Corpus, cfg: DataConfig, seed: int, partition_id: int) -> TextDataset:
-    """Client ``partition_id``'s share of ``corpus.train``."""
+    """Client ``partition_id``'s training examples: its partition minus its own test split."""
+    return client_split(corpus, cfg, seed, partition_id)[0]
+
+
+def client_split(corpus: Corpus, cfg: DataConfig, seed: int, partition_id: int
+                 ) -> tuple[TextDataset, TextDataset]:
+    """Client ``partition_id``'s (train, test): its partition of ``corpus.train`` cut by
+    :func:`split_partition` (``data.client-test-fraction`` = 0: an empty test split).
+
+    The client's test split never enters its (or anyone's) training; the global test split
+    (``corpus.test``) is disjoint from every partition.
+    """
     if not 0 <= partition_id < cfg.num_clients:
         raise DataError(f"partition id {partition_id} is out of range for "
                         f"data.num-clients = {cfg.num_clients}")
-    return corpus.train.subset(partition_indices(corpus.train.labels, cfg, seed)[partition_id])
+    part = partition_indices(corpus.train.labels, cfg, seed)[partition_id]
+    train, test = split_partition(part, cfg.client_test_fraction, seed, partition_id)
+    return corpus.train.subset(train), corpus.train.subset(test)
+
+
+def client_test_size(partition_size: int, fraction: float) -> int:
+    """Examples of a partition held out as the client's test split: round(fraction * n),
+    at least 1 when fraction > 0, and always leaving at least 1 training example."""
+    if fraction <= 0 or partition_size < 2:
+        return 0
+    return min(partition_size - 1, max(1, round(fraction * partition_size)))
+
+
+def split_partition(indices: Sequence[int], fraction: float, seed: int, partition_id: int
+                    ) -> tuple[list[int], list[int]]:
+    """(train, test) indices of one partition: a uniformly random, seeded choice of
+    :func:`client_test_size` examples is the test split; both keep the partition's order.
+    A pure function of (indices, fraction, seed, partition_id): every process agrees."""
+    size = client_test_size(len(indices), fraction)
+    chosen = set(random.Random(f"{seed}/client-test/{partition_id}").sample(range(len(indices)),
+                                                                             size))
+    train = [int(i) for j, i in enumerate(indices) if j not in chosen]
+    test = [int(i) for j, i in enumerate(indices) if j in chosen]
+    return train, test
+
+
+def client_split_sizes(labels: Sequence[int], cfg: DataConfig, seed: int
+                       ) -> list[tuple[int, int]]:
+    """(train, test) example counts of every client, without building any dataset (cheap:
+    e.g. to bound the ``num-examples`` a client may claim in a reply)."""
+    return [(len(part) - (test := client_test_size(len(part), cfg.client_test_fraction)), test)
+            for part in partition_indices(labels, cfg, seed)]
 
 
 def label_histogram(dataset: TextDataset) -> list[int]:

@@ -93,7 +93,16 @@ class InProcessGrid(Grid):
 
 
 class ProgressGrid(Grid):
-    """Delegates to ``inner`` and reports every reply as it arrives (for a live display)."""
+    """Delegates to ``inner`` and reports every reply as it arrives (for a live display).
+
+    ``send_and_receive`` stops pulling at ``timeout``; the caller counts the sampled nodes
+    without a reply as timed out. A reply returned by a pull that began before the deadline
+    is kept even if the pull itself returned late: with a SuperLink, a node killed mid-upload
+    can block a pull for minutes (docs/reliability.md), and the healthy replies it then
+    returns are complete; so are those that completed while it blocked, which one more pull
+    collects. In-process, clients run inside the pull, one after another, so
+    nothing can preempt a slow client there; use the Ray runtime to test timeouts.
+    """
 
     def __init__(self, inner: Grid, on_reply: Callable[[Message], None],
                  poll_seconds: float = 0.2) -> None:
@@ -125,11 +134,21 @@ class ProgressGrid(Grid):
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending and (deadline is None or time.monotonic() < deadline):
-            arrived = list(self.pull_messages(list(pending)))
-            for reply in arrived:
-                pending.discard(reply.metadata.reply_to_message_id)
-                replies.append(reply)
-                self._on_reply(reply)
+            arrived = self._collect(pending, replies)
+            if pending and deadline is not None and time.monotonic() >= deadline:
+                # the pull outlasted the deadline (blocked by a node killed mid-upload): the
+                # replies that completed meanwhile are ready; one more pull keeps them
+                self._collect(pending, replies)
+                break
             if pending and not arrived:
                 time.sleep(self._poll_seconds)
         return replies
+
+    def _collect(self, pending: set[str], replies: list[Message]) -> int:
+        """Pull the ``pending`` replies that are ready; returns how many arrived."""
+        arrived = list(self.pull_messages(list(pending)))
+        for reply in arrived:
+            pending.discard(reply.metadata.reply_to_message_id)
+            replies.append(reply)
+            self._on_reply(reply)
+        return len(arrived)

@@ -14,6 +14,16 @@ Train reply (client -> server):
                                ``trained`` (1 = the expert got a gradient this round),
                                ``importance`` s^c(e) (methods that select experts only)
 
+Evaluate instruction (server -> every node), message type ``evaluate``: the same two records
+as the train instruction (``"global"``, ``"plan"``).
+Evaluate reply (client -> server):
+  ``"evaluation"`` MetricRecord - ``client-id``, ``num-examples`` (size of the client's own
+                               test split), ``accuracy``, ``loss`` of the global model with the
+                               client's personal state loaded over it, on that split
+Node state (``context.state``, kept by the node across rounds, never sent):
+  ``"personal"`` ArrayRecord  - the client's personal tensors (flat keys; methods with a
+                               personal part, e.g. flex), absent before its first round
+
 The client resolves its own budget (from the run config or its node config, one function:
 hfedmoe.budget.resolve_budget) and reports it in ``budget-experts``.
 
@@ -23,6 +33,7 @@ Arrays travel as float32 numpy arrays (Flower's ArrayRecord rejects bfloat16).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -32,8 +43,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hfedmoe.aggregation import ClientUpdate
 from hfedmoe.training import LocalTrainingResult
+from hfedmoe.validation import check_tensors
 
 GLOBAL, PLAN, UPDATE, METRICS, ROUTING = "global", "plan", "update", "metrics", "routing"
+EVALUATION, PERSONAL = "evaluation", "personal"
+EVALUATE_METRIC_KEYS = ("client-id", "num-examples", "accuracy", "loss")
 REPLY_METRIC_KEYS = ("num-examples", "client-id", "train-loss", "budget-experts",
                      "max-active-experts-per-batch", "peak-memory-bytes", "mean-step-seconds",
                      "local-steps")
@@ -122,27 +136,94 @@ def parse_train_reply(content: RecordDict, usage_shape: tuple[int, int]) -> Clie
     for key in ("usage", "trained"):
         if key not in routing:
             raise ValueError(f"reply routing lacks '{key}'")
+    usage = _matrix(routing, "usage", usage_shape)  # (L, S)
+    trained = _matrix(routing, "trained", usage_shape)  # (L, S) 0/1
+    if not bool(((trained == 0) | (trained == 1)).all()):
+        raise ValueError("reply 'trained' has values other than 0 and 1")
     return ClientUpdate(
-        client_id=int(metrics["client-id"]),
-        num_examples=int(metrics["num-examples"]),
+        client_id=_integer(metrics, "client-id"),
+        num_examples=_integer(metrics, "num-examples"),
         state=from_array_record(content.array_records[UPDATE]),
-        usage=_matrix(routing, "usage", usage_shape),
+        usage=usage,
         metrics={k: float(metrics[k]) for k in REPLY_METRIC_KEYS},
         importance=(_matrix(routing, "importance", usage_shape) if "importance" in routing
                     else None),
-        trained=_matrix(routing, "trained", usage_shape).bool(),
+        trained=trained.bool(),
     )
+
+
+def _integer(metrics: MetricRecord, key: str) -> int:
+    value = metrics[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value) or value != int(value):
+        raise ValueError(f"reply metric '{key}' = {value!r} is not an integer")
+    return int(value)
 
 
 def check_update(update: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor]
                  ) -> None:
-    """Raise ValueError unless every uploaded tensor is a known key of the right shape with
-    finite values (a bad reply is dropped, never averaged into the global model)."""
-    for key, tensor in update.items():
-        if key not in global_state:
-            raise ValueError(f"unknown tensor '{key}'")
-        if tuple(tensor.shape) != tuple(global_state[key].shape):
-            raise ValueError(f"'{key}' has shape {tuple(tensor.shape)}, "
-                             f"expected {tuple(global_state[key].shape)}")
-        if not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"'{key}' has non-finite values")
+    """Raise ValueError unless every uploaded tensor is a known key of the global shape and
+    dtype with finite values; the full reply check is hfedmoe.validation.check_reply."""
+    check_tensors(update, global_state)
+
+
+# --- personalised evaluation and the node's personal state -----------------------------------
+
+
+def evaluate_instruction(server_round: int, flat_config: Mapping, global_arrays: ArrayRecord
+                         ) -> RecordDict:
+    """The evaluate instruction: the same records as the train instruction."""
+    return train_instruction(server_round, flat_config, global_arrays)
+
+
+parse_evaluate_instruction = parse_train_instruction
+
+
+@dataclass(frozen=True)
+class ClientAccuracy:
+    client_id: int
+    num_examples: int  # size of the client's own test split
+    accuracy: float
+    loss: float
+
+
+def evaluate_reply(client_id: int, num_examples: int, accuracy: float, loss: float
+                   ) -> RecordDict:
+    return RecordDict({EVALUATION: MetricRecord({
+        "client-id": client_id, "num-examples": num_examples,
+        "accuracy": float(accuracy), "loss": float(loss)})})
+
+
+def parse_evaluate_reply(content: RecordDict) -> ClientAccuracy:
+    """Decode an evaluate reply; raises ValueError naming the problem if it is malformed
+    (a missing key, a negative count, an accuracy outside [0, 1], a non-finite loss)."""
+    if EVALUATION not in content.metric_records:
+        raise ValueError(f"evaluate reply lacks the '{EVALUATION}' record")
+    metrics = content.metric_records[EVALUATION]
+    missing = [k for k in EVALUATE_METRIC_KEYS if k not in metrics]
+    if missing:
+        raise ValueError(f"evaluate reply lacks {', '.join(missing)}")
+    parsed = ClientAccuracy(int(metrics["client-id"]), int(metrics["num-examples"]),
+                            float(metrics["accuracy"]), float(metrics["loss"]))
+    if parsed.num_examples < 0:
+        raise ValueError(f"evaluate reply: num-examples = {parsed.num_examples} < 0")
+    if not 0.0 <= parsed.accuracy <= 1.0:
+        raise ValueError(f"evaluate reply: accuracy = {parsed.accuracy} is outside [0, 1]")
+    if not np.isfinite(parsed.loss):
+        raise ValueError(f"evaluate reply: loss = {parsed.loss} is not finite")
+    return parsed
+
+
+def personal_state(node_state: RecordDict) -> dict[str, torch.Tensor]:
+    """The personal tensors a node stored (empty before its first round)."""
+    if PERSONAL not in node_state.array_records:
+        return {}
+    return from_array_record(node_state.array_records[PERSONAL])
+
+
+def store_personal_state(node_state: RecordDict, personal: Mapping[str, torch.Tensor]) -> None:
+    """Keep ``personal`` in the node's state for its next round (empty: nothing stored)."""
+    if personal:
+        node_state[PERSONAL] = to_array_record(personal)
+    elif PERSONAL in node_state.array_records:
+        del node_state[PERSONAL]

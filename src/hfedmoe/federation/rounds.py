@@ -1,7 +1,8 @@
 """Per-round bookkeeping on the server: joins training replies and evaluation into one record.
 
-The strategy reports a round's training (``train_finished``); the centralised evaluation
-then completes it (``evaluated``), and the record goes to metrics.jsonl and the display.
+The strategy reports a round's training (``train_finished``) and its personalised evaluation
+(``clients_evaluated``); the centralised evaluation then completes it (``evaluated``), and the
+record goes to metrics.jsonl and the display.
 Round 0 is the evaluation of the initial model.
 """
 
@@ -13,6 +14,7 @@ from typing import Mapping, Protocol, Sequence
 import torch
 
 from hfedmoe.aggregation import ClientUpdate
+from hfedmoe.federation.records import ClientAccuracy
 
 
 class RecordSink(Protocol):
@@ -48,23 +50,65 @@ def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int,
     }
 
 
+def personal_entries(results: Sequence[ClientAccuracy]) -> list[dict]:
+    """One entry per client that evaluated at least one example, sorted by client id (a
+    client reported twice counts once, its first reply)."""
+    entries: dict[int, dict] = {}
+    for r in results:
+        if r.num_examples > 0 and r.client_id not in entries:
+            entries[r.client_id] = {"client_id": r.client_id, "num_examples": r.num_examples,
+                                    "accuracy": r.accuracy, "loss": r.loss}
+    return [entries[cid] for cid in sorted(entries)]
+
+
+def personal_summary(entries: Sequence[Mapping]) -> dict:
+    """``personal_accuracy``: the unweighted mean over clients of their own-test-split
+    accuracy; ``personal_accuracy_weighted``: weighted by test examples (= pooled accuracy);
+    ``personal_loss``: the unweighted mean loss. None when no client evaluated."""
+    if not entries:
+        return {"personal_accuracy": None, "personal_accuracy_weighted": None,
+                "personal_loss": None}
+    examples = sum(e["num_examples"] for e in entries)
+    return {
+        "personal_accuracy": sum(e["accuracy"] for e in entries) / len(entries),
+        "personal_accuracy_weighted": sum(e["accuracy"] * e["num_examples"]
+                                          for e in entries) / examples,
+        "personal_loss": sum(e["loss"] for e in entries) / len(entries),
+    }
+
+
 class RoundBook:
     def __init__(self, sink: RecordSink, display: Display) -> None:
         self._sink, self._display = sink, display
         self._started = time.perf_counter()
         self._round_start = self._started
         self._pending: dict = {}
+        self._pending_round = -1
+
+    def resume_after(self, elapsed_seconds: float) -> None:
+        """Continue a resumed run's clock: ``elapsed_seconds`` were spent before."""
+        self._started = time.perf_counter() - elapsed_seconds
 
     def round_started(self, server_round: int, num_sampled: int) -> None:
+        """A round (or a retry of it: same ``server_round`` again) was sent out."""
+        if server_round == self._pending_round:  # a retry keeps the earlier attempts' failures
+            earlier = self._pending.get("earlier_failures", []) + self._pending.get("failures", [])
+            self._pending = {"sampled": num_sampled, "attempts": self._pending["attempts"] + 1,
+                             "earlier_failures": earlier}
+            return
         self._round_start = time.perf_counter()
         self._display.round_started(server_round)
-        self._pending = {"sampled": num_sampled}
+        self._pending_round = server_round
+        self._pending = {"sampled": num_sampled, "attempts": 1, "earlier_failures": []}
 
     def train_finished(self, server_round: int, updates: Sequence[ClientUpdate],
                        failures: list[dict], traffic: Mapping[int, tuple[int, int]],
-                       bytes_down: int, diagnostics: Mapping | None = None) -> None:
+                       bytes_down: int, diagnostics: Mapping | None = None,
+                       aggregated: bool = True) -> None:
         """``traffic``: client id -> (bytes uploaded, bytes sent to it); ``bytes_down`` also
-        counts clients that failed (what was sent to them was spent)."""
+        counts clients that failed (what was sent to them was spent). ``aggregated``: False
+        when too few valid replies arrived (federation.min-replies) and the global model was
+        left unchanged by this attempt."""
         diagnostics = diagnostics or {}
         per_client = diagnostics.get("clients", {})
         trained = [u for u in updates if u.metrics["local-steps"] > 0]
@@ -80,7 +124,18 @@ class RoundBook:
                                for u in updates), key=lambda c: c["client_id"]),
             **{k: v for k, v in diagnostics.items() if k != "clients"},
             "failures": failures,
+            "aggregated": aggregated,
         })
+
+    def clients_evaluated(self, server_round: int, results: Sequence[ClientAccuracy],
+                          failures: int = 0) -> dict:
+        """The round's personalised evaluation (each client on its own test split): adds
+        ``personal`` (per client), :func:`personal_summary` and ``personal_failures`` to the
+        round record; returns the summary."""
+        entries = personal_entries(results)
+        summary = personal_summary(entries)
+        self._pending.update({**summary, "personal": entries, "personal_failures": failures})
+        return summary
 
     def evaluated(self, server_round: int, accuracy: float, loss: float) -> dict:
         now = time.perf_counter()
@@ -93,6 +148,7 @@ class RoundBook:
             "bytes_down": 0,
             "clients": [],
             "failures": [],
+            "personal_accuracy": None,
             **(self._pending if server_round > 0 else {}),
             "round_seconds": now - self._round_start if server_round > 0 else 0.0,
             "elapsed_seconds": now - self._started,

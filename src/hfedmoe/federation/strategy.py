@@ -11,12 +11,13 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
+from hfedmoe import validation
 from hfedmoe.aggregation import ClientUpdate
 from hfedmoe.config import RunConfig
 from hfedmoe.federation import records
@@ -32,33 +33,42 @@ class NodeSamplingTimeout(RuntimeError):
 
 
 def sample_node_ids(grid: Grid, fraction: float, seed: int, server_round: int,
-                    deadline_seconds: float, poll_seconds: float = 1.0) -> list[int]:
-    """Sample ``ceil(fraction * N)`` of the expected nodes, deterministically per round.
+                    deadline_seconds: float, expected: int = 1, minimum: int = 1,
+                    poll_seconds: float = 1.0) -> list[int]:
+    """Sample ``round(fraction * N)`` of the N connected nodes, deterministically per round.
 
     Waits until ``expected`` nodes are connected, but never past ``deadline_seconds``
-    (Flower's own ``sample_nodes`` can wait forever).
+    (Flower's own ``sample_nodes`` can wait forever); then samples from those connected,
+    and raises NodeSamplingTimeout if fewer than ``minimum`` are.
     """
     deadline = time.monotonic() + deadline_seconds
     while True:
         node_ids = sorted(grid.get_node_ids())
-        if node_ids or time.monotonic() >= deadline:
+        if len(node_ids) >= expected or time.monotonic() >= deadline:
             break
         time.sleep(poll_seconds)
-    if not node_ids:
-        raise NodeSamplingTimeout(f"no node connected within {deadline_seconds:.0f} s")
+    if len(node_ids) < max(1, minimum):
+        raise NodeSamplingTimeout(f"{len(node_ids)} node(s) connected within "
+                                  f"{deadline_seconds:.0f} s, {max(1, minimum)} needed")
     count = max(1, round(fraction * len(node_ids)))
     return sorted(random.Random(f"{seed}/{server_round}").sample(node_ids, count))
 
 
+# Flower error codes of error replies -> the kind recorded in a round's failures
+ERROR_KINDS = {2: "raised", 3: "message-unavailable", 5: "node-unavailable", 8: "crashed"}
+
+
 class PlannedStrategy(Strategy):
     def __init__(self, config: RunConfig, method: Method, geometry: MoEGeometry,
-                 book: RoundBook, sampling_deadline_seconds: float = 120.0) -> None:
+                 book: RoundBook, client_sizes: Sequence[int] | None = None) -> None:
         self._config, self._method, self._geometry, self._book = config, method, geometry, book
+        self._client_sizes = client_sizes  # training examples per client id (reply bound)
         self._flat_config = config.to_flat()
-        self._sampling_deadline = sampling_deadline_seconds
         self._global: ArrayRecord | None = None
         self._sent: dict[int, int] = {}  # node id -> bytes sent this round
+        self._instructions: list[Message] = []  # this round's, message ids set by the grid
         self.client_of: dict[int, int] = {}  # node id -> client (partition) id, from replies
+        self._sampled_once = False  # the first sampling waits for every node; later ones not
 
     def summary(self) -> None:
         log.info("hfedmoe strategy: method=%s, %d MoE layers x %d experts (top-%d)",
@@ -68,14 +78,21 @@ class PlannedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays
+        federation = self._config.federation
+        # Round 1 waits (up to the deadline) for all data.num-clients nodes to connect; later
+        # rounds sample at once from the nodes connected, so a dead node costs no wait.
+        expected = federation.min_replies if self._sampled_once else self._config.data.num_clients
         node_ids = sample_node_ids(grid, self._config.train.fraction_train, self._config.seed,
-                                   server_round, self._sampling_deadline)
+                                   server_round, federation.sampling_deadline,
+                                   expected=expected, minimum=federation.min_replies)
+        self._sampled_once = True
         self._book.round_started(server_round, len(node_ids))
         payload_bytes = records.record_bytes(arrays)
         self._sent = {node_id: payload_bytes for node_id in node_ids}
-        return [Message(self.instruction_for(node_id, server_round, arrays), node_id,
-                        MessageType.TRAIN, group_id=str(server_round))
-                for node_id in node_ids]
+        self._instructions = [Message(self.instruction_for(node_id, server_round, arrays),
+                                      node_id, MessageType.TRAIN, group_id=str(server_round))
+                              for node_id in node_ids]
+        return self._instructions
 
     def instruction_for(self, node_id: int, server_round: int, arrays: ArrayRecord
                         ) -> RecordDict:
@@ -90,42 +107,88 @@ class PlannedStrategy(Strategy):
         traffic: dict[int, tuple[int, int]] = {}  # client id -> (bytes up, bytes down)
         answered: set[int] = set()
         global_state = records.from_array_record(self._global)
+        limits = validation.ReplyLimits.for_run(self._config, self._geometry, self._method,
+                                                self._client_sizes)
 
-        def failure(node_id: int, reason: str) -> dict:
+        def failure(node_id: int, reason: str, kind: str = "rejected") -> dict:
             return {"client_id": self.client_of.get(node_id, -1), "node_id": node_id,
-                    "reason": reason}
+                    "kind": kind, "reason": reason}
 
+        # the node each reply answers: the SuperLink's own error replies (node unavailable,
+        # message expired) come from node 1, not from the node that was asked
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id
+                   for m in self._instructions if m.metadata.message_id}
         for reply in replies:
-            node_id = reply.metadata.src_node_id
+            node_id = sent_to.get(reply.metadata.reply_to_message_id,
+                                  reply.metadata.src_node_id)
             answered.add(node_id)
             if reply.has_error():
                 reason = (reply.error.reason or "").splitlines()[:1]
-                failures.append(failure(node_id, f"error {reply.error.code}: {''.join(reason)}"))
+                failures.append(failure(node_id, f"error {reply.error.code}: {''.join(reason)}",
+                                        ERROR_KINDS.get(int(reply.error.code), "error")))
                 continue
+            update = None
             try:
                 update = records.parse_train_reply(
                     reply.content, (self._geometry.num_layers, self._geometry.num_experts))
-                records.check_update(update.state, global_state)
+                validation.check_reply(update, global_state, limits)
+                validation.check_identity(node_id, update.client_id, self.client_of,
+                                          {u.client_id for u in updates}, self._sent.keys())
             except (ValueError, KeyError, TypeError) as exc:
-                failures.append(failure(node_id, f"rejected reply: {exc}"))
+                log.warning("round %d: rejected the reply of node %d: %s", server_round,
+                            node_id, exc)
+                rejected = failure(node_id, f"rejected reply: {exc}")
+                if update is not None:
+                    rejected["client_id"] = validation.blamed_client(
+                        node_id, update.client_id, self.client_of, limits.num_clients)
+                failures.append(rejected)
                 continue
             self.client_of[node_id] = update.client_id
             traffic[update.client_id] = (
                 records.record_bytes(reply.content.array_records[records.UPDATE]),
                 self._sent.get(node_id, 0))
             updates.append(update)
-        failures += [failure(n, "no reply before the round timeout")
+        failures += [failure(n, "no reply before the round timeout", "timeout")
                      for n in self._sent if n not in answered]
-        new_state, diagnostics = self._method.aggregate(global_state, updates)
+        enough = len(updates) >= self._config.federation.min_replies
+        new_state, diagnostics = (self._method.aggregate(global_state, updates) if enough
+                                  else (None, {}))
         self._book.train_finished(server_round, updates, failures, traffic,
-                                  sum(self._sent.values()), diagnostics)
-        metrics = MetricRecord({"num-replies": len(updates), "num-failures": len(failures)})
-        return records.to_array_record(new_state), metrics
+                                  sum(self._sent.values()), diagnostics, aggregated=enough)
+        metrics = MetricRecord({"num-replies": len(updates), "num-failures": len(failures),
+                                "aggregated": int(enough)})
+        # None: too few valid replies; the round loop retries or skips (federation.on-too-few)
+        return (records.to_array_record(new_state) if enough else None), metrics
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        return []  # evaluation is centralised on the held-out test split (evaluate_fn)
+        """Personalised evaluation: every connected node evaluates the new global model (with
+        its personal state) on its own test split; none when data.client-test-fraction = 0.
+        The global test split is evaluated centrally (evaluate_fn)."""
+        if self._config.data.client_test_fraction <= 0:
+            return []
+        content = records.evaluate_instruction(server_round, self._flat_config, arrays)
+        return [Message(content, node_id, MessageType.EVALUATE, group_id=str(server_round))
+                for node_id in sorted(grid.get_node_ids())]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
-        return None
+        """Per-client accuracies into the round record (RoundBook.clients_evaluated); a
+        failed or malformed reply, or one whose client id is not its node's, is counted,
+        never averaged."""
+        results: list[records.ClientAccuracy] = []
+        failures = 0
+        for reply in replies:
+            try:
+                if reply.has_error():
+                    raise ValueError(f"error {reply.error.code}")
+                result = records.parse_evaluate_reply(reply.content)
+                validation.check_identity(reply.metadata.src_node_id, result.client_id,
+                                          self.client_of, {r.client_id for r in results})
+            except (ValueError, KeyError, TypeError):
+                failures += 1
+                continue
+            results.append(result)
+        summary = self._book.clients_evaluated(server_round, results, failures)
+        return MetricRecord({k.replace("_", "-"): v for k, v in summary.items()
+                             if v is not None})

@@ -11,10 +11,13 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hfedmoe.config import RunConfig
-from hfedmoe.strategies.base import Diagnostics, Method
+from hfedmoe.strategies.base import ClientPlan, Diagnostics, Method, PlanningMethod, plan_round
 from hfedmoe.strategies.fedavg import FedAvgMethod
+from hfedmoe.strategies.fedmoe import FedMoEMethod
+from hfedmoe.strategies.flex import FLExMethod
 from hfedmoe.strategies.hfedmoe import HFedMoEMethod
 from hfedmoe.strategies.random_subset import RandomSubsetMethod
+from hfedmoe.strategies.robust import robust_method
 
 
 def method_for(config: RunConfig) -> Method:
@@ -27,13 +30,15 @@ def method_for(config: RunConfig) -> Method:
         "fedavg-full": FedAvgMethod(name="fedavg-full"),
         "fedavg-drop": FedAvgMethod(name="fedavg-drop", drop_constrained=True),
         "random-subset": RandomSubsetMethod(),
+        "fedmoe": FedMoEMethod(config.budget.per_layer or None),
+        "flex": FLExMethod(),
         "hfedmoe-no-ib": replace(hfedmoe, name="hfedmoe-no-ib", beta=0.0),
         "hfedmoe-fedavg-agg": replace(hfedmoe, name="hfedmoe-fedavg-agg", sparse_upload=False,
                                       expert_aggregation="fedavg"),
         "hfedmoe-uniform-gate": replace(hfedmoe, name="hfedmoe-uniform-gate",
                                         gate_weighting="examples"),
     }
-    return methods[config.method]
+    return robust_method(methods[config.method], config.robust)  # robust.aggregation
 
 
-__all__ = ["Diagnostics", "Method", "method_for"]
+__all__ = ["ClientPlan", "Diagnostics", "Method", "PlanningMethod", "method_for", "plan_round"]

@@ -7,15 +7,40 @@ halves take and return plain tensors and dataclasses.
 
 from __future__ import annotations
 
-from typing import Mapping, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import torch
 
 from hfedmoe.aggregation import ClientUpdate, State
 from hfedmoe.model.adapter import MoEGeometry
+from hfedmoe.model.state import ROUTER, expert_of, parse_key
 from hfedmoe.training import ExpertSelector, LocalTrainingResult
 
 Diagnostics = dict  # JSON-serialisable per-round diagnostics (see each method's docstring)
+RoutingProbe = Callable[[], torch.Tensor]  # () -> (L, S) activation counts on the client's data
+
+
+@dataclass(frozen=True)
+class ClientPlan:
+    """A client's decisions for one local round, taken before training.
+
+    The personal part (``personal_experts``, and every router if ``personal_routers``) is the
+    client's own state across rounds: never uploaded, loaded over the global state before
+    training and before the client's personalised evaluation, stored again after training.
+    """
+
+    selector: ExpertSelector | None
+    personal_experts: torch.Tensor | None = None  # (L, S) bool; None: no personal expert
+    personal_routers: bool = False
+
+    def personal_keys(self, keys: Iterable[str]) -> frozenset[str]:
+        """The personal subset of the trainable state ``keys``."""
+        mask = self.personal_experts
+        return frozenset(key for key in keys
+                         if (self.personal_routers and parse_key(key).kind == ROUTER)
+                         or (mask is not None and (e := expert_of(key)) is not None
+                             and bool(mask[e])))
 
 
 class Method(Protocol):
@@ -39,5 +64,31 @@ class Method(Protocol):
     # --- server side ---------------------------------------------------------------
     def aggregate(self, global_state: Mapping[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
-        """The next global trainable state from one round's replies, and diagnostics."""
+        """The next global trainable state from one round's replies, and diagnostics.
+
+        Contract (robust.trimmed-mean relies on it, hfedmoe.robust.method_weights checks it):
+        per key, a weighted mean of the uploaded tensors whose weights do not depend on the
+        tensor values; a key nobody contributes keeps its global value."""
         ...
+
+
+@runtime_checkable
+class PlanningMethod(Protocol):
+    """A method whose client plans its round from more than its budget (optional step):
+    ``run_client_round`` calls ``plan`` instead of ``selector`` when a method has it."""
+
+    def plan(self, budget_experts: int, geometry: MoEGeometry, seed: int, probe: RoutingProbe,
+             personal: Mapping[str, torch.Tensor]) -> ClientPlan:
+        """``probe()``: activation counts of the current model (global state + ``personal``)
+        on this client's training data (forward only, run on demand); ``personal``: the
+        client's stored personal state (empty in its first round)."""
+        ...
+
+
+def plan_round(method: Method, budget_experts: int, geometry: MoEGeometry, seed: int,
+               probe: RoutingProbe, personal: Mapping[str, torch.Tensor]) -> ClientPlan:
+    """A client's plan for one round: ``method.plan`` for a :class:`PlanningMethod`, else its
+    per-batch ``selector`` and no personal state (a wrapper forwards ``plan`` through this)."""
+    if isinstance(method, PlanningMethod):
+        return method.plan(budget_experts, geometry, seed, probe, personal)
+    return ClientPlan(method.selector(budget_experts, geometry, seed))

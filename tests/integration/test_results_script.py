@@ -1,0 +1,38 @@
+"""tools/results.sh end to end on the tiny config: compare, record, page, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.slow
+def test_results_script_writes_page_and_resumes(tmp_path):
+    out = tmp_path / "results"
+    env = {**os.environ, "BENCHES": "tiny", "CONF_DIR": "conf", "ALPHAS": "0.5",
+           "METHODS": "fedavg", "SEEDS": "1", "OUT": str(out), "PAGE": str(tmp_path / "r.md"),
+           "PYTHON": sys.executable, "HFEDMOE": str(Path(sys.executable).parent / "hfedmoe")}
+    script = [str(ROOT / "tools" / "results.sh"), "--set", "num-server-rounds=1"]
+    done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    comparison = json.loads((out / "tiny-0.5" / "comparison.json").read_text())
+    run = json.loads((out / "tiny-0.5" / "run.json").read_text())
+    assert run["command"] == ("hfedmoe compare --methods fedavg --seeds 1 --target 0.9 --config "
+                              f"conf/tiny.toml --set data.dirichlet-alpha=0.5 --out {out}/tiny-0.5 "
+                              "--set num-server-rounds=1")
+    assert comparison["config"]["num-server-rounds"] == 1
+    assert comparison["config"]["data.dirichlet-alpha"] == 0.5
+    page = (tmp_path / "r.md").read_text()
+    accuracy = comparison["methods"]["fedavg"]["final_accuracy"]["values"][0]
+    assert f"| fedavg | {accuracy:.3f} ± 0.000 |" in page
+    before = (out / "tiny-0.5" / "comparison.json").stat().st_mtime_ns
+    again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "is done" in again.stdout
+    assert (out / "tiny-0.5" / "comparison.json").stat().st_mtime_ns == before

@@ -1,0 +1,109 @@
+"""tools/results_page.py: the results page's tables are the comparison.json numbers.
+
+The fixture tests/fixtures/results/tiny-0.5 is the output of
+``METHODS=hfedmoe,fedavg SEEDS=2 BENCHES=tiny CONF_DIR=conf ALPHAS=0.5 tools/results.sh``.
+Expected cells are recomputed here from each statistic's per-seed ``values``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+FIXTURE = ROOT / "tests" / "fixtures" / "results"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    path = ROOT / "tools" / "results_page.py"
+    spec = importlib.util.spec_from_file_location("results_page", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def tables(page: str) -> list[list[dict[str, str]]]:
+    """Every Markdown table of ``page`` as rows of {header: cell}."""
+    found, lines = [], page.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("|---"):
+            head = [c.strip() for c in lines[i - 1].strip("|").split("|")]
+            rows = []
+            for row in lines[i + 1:]:
+                if not row.startswith("|"):
+                    break
+                rows.append(dict(zip(head, (c.strip() for c in row.strip("|").split("|")))))
+            found.append(rows)
+    return found
+
+
+def expected(values: list, scale: float = 1.0, digits: int = 3) -> str:
+    present = [v / scale for v in values if v is not None]
+    if not present:
+        return "never"
+    std = statistics.stdev(present) if len(present) > 1 else 0.0
+    text = f"{statistics.fmean(present):.{digits}f} ± {std:.{digits}f}"
+    return text if len(present) == len(values) else f"{text} ({len(present)}/{len(values)} seeds)"
+
+
+def copy_fixture(tmp_path: Path) -> Path:
+    shutil.copytree(FIXTURE, tmp_path / "results")
+    return tmp_path / "results"
+
+
+def test_table_matches_comparison_json(tool):
+    comparison = json.loads((FIXTURE / "tiny-0.5" / "comparison.json").read_text())
+    page = tool.page(FIXTURE)
+    (rows,) = tables(page)
+    assert [r["method"] for r in rows] == list(comparison["methods"]) == ["hfedmoe", "fedavg"]
+    for row in rows:
+        m = comparison["methods"][row["method"]]
+        assert row["final accuracy"] == expected(m["final_accuracy"]["values"])
+        assert row["personalised accuracy"] == expected(m["final_personal_accuracy"]["values"])
+        assert row["rounds to 0.9"] == expected(m["rounds_to_target"]["values"], digits=1)
+        assert row["MiB uploaded"] == expected(m["bytes_up"]["values"], 2**20, 1)
+        assert row["budget respected"] == ("yes" if m["within_budget"] else "**no**")
+    run = json.loads((FIXTURE / "tiny-0.5" / "run.json").read_text())
+    assert f"Command: `{run['command']}`" in page
+    assert f"Machine: {run['machine']['cpu']}, {run['machine']['cores']} cores" in page
+    assert "Wall time: 2 min" in page  # 110 s
+    assert "`data.dirichlet-alpha` = 0.5" in page and "Seeds 0, 1;" in page
+
+
+def test_absent_personal_accuracy_drops_the_column_and_partial_targets_say_so(tool, tmp_path):
+    root = copy_fixture(tmp_path)
+    path = root / "tiny-0.5" / "comparison.json"
+    comparison = json.loads(path.read_text())
+    for m in comparison["methods"].values():
+        del m["final_personal_accuracy"]
+    comparison["methods"]["hfedmoe"]["rounds_to_target"] = {"mean": 2.0, "std": 0.0,
+                                                            "values": [2, None]}
+    path.write_text(json.dumps(comparison))
+    (root / "tiny-0.5" / "run.json").unlink()
+    page = tool.page(root)
+    (rows,) = tables(page)
+    assert list(rows[0]) == ["method", "final accuracy", "rounds to 0.9", "MiB uploaded",
+                             "budget respected"]
+    assert rows[0]["rounds to 0.9"] == "2.0 ± 0.0 (1/2 seeds)"
+    assert rows[1]["rounds to 0.9"] == "never"
+    total = sum(v for m in comparison["methods"].values() for v in m["wall_seconds"]["values"])
+    assert f"No run.json: command and machine unknown; runs took {round(total / 60)} min" in page
+
+
+def test_record_describes_this_machine(tool, tmp_path):
+    info = tool.record(tmp_path, "hfedmoe compare --x", 3725.0)
+    assert json.loads((tmp_path / "run.json").read_text()) == info
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    assert info["machine"]["cores"] == sum(line.startswith("model name") for line in cpuinfo)
+    assert tool.duration(3725.0) == "1 h 02 min" and tool.duration(110.0) == "2 min"
+
+
+def test_no_comparison_is_an_error(tool, tmp_path):
+    with pytest.raises(SystemExit, match="no \\*/comparison.json"):
+        tool.page(tmp_path)

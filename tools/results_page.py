@@ -1,0 +1,159 @@
+"""Assemble docs/results.md from the comparisons written by tools/results.sh.
+
+    python tools/results_page.py record DIR --command "hfedmoe compare ..." --wall-seconds S
+        writes DIR/run.json: the exact command, its wall time and the machine it ran on
+    python tools/results_page.py page ROOT [--out docs/results.md]
+        one section per ROOT/<bench>-<alpha>/comparison.json (+ run.json), in sorted order
+
+Every number on the page is formatted from comparison.json (mean ± std over seeds), never
+recomputed from the runs. Personalised accuracy is shown when comparison.json has it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+BENCH_NAMES = {"bbc": "BBC News", "wordnet": "WordNet 3.0 lexnames"}
+PERSONAL = "final_personal_accuracy"  # absent from comparisons made before it existed
+CONFIG_SHOWN = ("model.name", "num-server-rounds", "data.num-clients", "data.partition",
+                "data.dirichlet-alpha", "data.max-examples", "data.test-fraction",
+                "data.client-test-fraction", "budget.experts", "train.local-steps",
+                "train.batch-size", "train.lr", "model.max-length", "simulation.runtime")
+MIB = 2**20
+
+
+def machine() -> dict[str, Any]:
+    """CPU model and logical cores (from /proc/cpuinfo), memory (from /proc/meminfo)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
+              if line.startswith("model name")]
+    meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+    mem_kib = next((int(line.split()[1]) for line in meminfo.splitlines()
+                    if line.startswith("MemTotal:")), None)
+    return {"cpu": models[0] if models else "unknown", "cores": len(models) or os.cpu_count(),
+            "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None}
+
+
+def record(directory: Path, command: str, wall_seconds: float) -> dict[str, Any]:
+    """Write ``directory/run.json`` describing how its comparison was produced."""
+    info = {"command": command, "wall_seconds": wall_seconds, "machine": machine(),
+            "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    (directory / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
+# --- formatting ---------------------------------------------------------------------------
+
+def cell(stats: Mapping[str, Any] | None, scale: float = 1.0, digits: int = 3,
+         missing: str = "never") -> str:
+    """``mean ± std`` of a comparison.json statistic; ``(k/n seeds)`` if only k seeds have a
+    value; ``missing`` if none has."""
+    if stats is None or stats["mean"] is None:
+        return missing
+    values = stats.get("values", [])
+    text = f"{stats['mean'] / scale:.{digits}f} ± {stats['std'] / scale:.{digits}f}"
+    reached = sum(v is not None for v in values)
+    return text if reached == len(values) else f"{text} ({reached}/{len(values)} seeds)"
+
+
+def personal_stats(method: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    stats = method.get(PERSONAL)
+    return stats if isinstance(stats, Mapping) else None
+
+
+def method_table(comparison: Mapping[str, Any]) -> list[str]:
+    methods = comparison["methods"]
+    personal = any(personal_stats(m) is not None for m in methods.values())
+    head = ["method", "final accuracy"] + (["personalised accuracy"] if personal else []) + [
+        f"rounds to {comparison['target_accuracy']}", "MiB uploaded", "budget respected"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in methods.items():
+        row = [name, cell(m["final_accuracy"])]
+        row += [cell(personal_stats(m), missing="n/a")] if personal else []
+        row += [cell(m["rounds_to_target"], digits=1), cell(m["bytes_up"], MIB, 1),
+                "yes" if m["within_budget"] else "**no**"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def duration(seconds: float) -> str:
+    minutes = round(seconds / 60)
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
+
+
+def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | None) -> list[str]:
+    bench, _, alpha = name.rpartition("-")
+    config = comparison.get("config", {})
+    alpha = config.get("data.dirichlet-alpha", alpha)
+    title = f"{BENCH_NAMES.get(bench, bench)}, Dirichlet α = {alpha}"
+    lines = [f"## {title}", ""]
+    if run:
+        m = run["machine"]
+        memory = f", {m['memory_gib']} GiB RAM" if m.get("memory_gib") else ""
+        lines += [f"Command: `{run['command']}`", "",
+                  f"Machine: {m['cpu']}, {m['cores']} cores{memory}. Wall time: "
+                  f"{duration(run['wall_seconds'])} (finished {run['finished']}).", ""]
+    else:
+        total = sum(v or 0.0 for m in comparison["methods"].values()
+                    for v in m["wall_seconds"]["values"])
+        lines += [f"No run.json: command and machine unknown; runs took {duration(total)} "
+                  "in total.", ""]
+    lines += [f"Seeds {', '.join(map(str, comparison['seeds']))}; mean ± std over seeds; "
+              f"accuracy on the global test split after the last round.", ""]
+    lines += method_table(comparison)
+    shown = [f"`{k}` = {config[k]!r}" for k in CONFIG_SHOWN if k in config]
+    return lines + ["", "Configuration: " + ", ".join(shown) + ".", ""]
+
+
+def _order(path: Path) -> tuple[str, float, str]:
+    """<bench>-<alpha> folders by bench, then milder skew (larger alpha) first."""
+    bench, _, alpha = path.parent.name.rpartition("-")
+    try:
+        return bench, -float(alpha), ""
+    except ValueError:
+        return path.parent.name, 0.0, path.parent.name
+
+
+def page(root: Path) -> str:
+    found = sorted(root.glob("*/comparison.json"), key=_order)
+    if not found:
+        raise SystemExit(f"results_page: no */comparison.json under {root}")
+    lines = ["# Results", "",
+             "Generated by `tools/results_page.py` from the comparisons that `tools/results.sh` "
+             "(`make results`) writes; do not edit by hand. Methods differ only in `method`: "
+             "data, partitions, budgets, local steps and evaluation are identical for a seed. "
+             "\"budget respected\": every client of every seed kept its active experts per batch "
+             "within its budget. Wall times are of a shared or idle machine as stated; compare "
+             "methods by accuracy and bytes, not by seconds.", ""]
+    for path in found:
+        run_file = path.parent / "run.json"
+        run = json.loads(run_file.read_text()) if run_file.exists() else None
+        lines += section(path.parent.name, json.loads(path.read_text()), run)
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    rec = commands.add_parser("record", help="write DIR/run.json")
+    rec.add_argument("directory", type=Path)
+    rec.add_argument("--command", required=True, dest="cmd")
+    rec.add_argument("--wall-seconds", type=float, required=True)
+    pg = commands.add_parser("page", help="write the results page")
+    pg.add_argument("root", type=Path)
+    pg.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    args = parser.parse_args(argv)
+    if args.command == "record":
+        record(args.directory, args.cmd, args.wall_seconds)
+    else:
+        args.out.write_text(page(args.root))
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
