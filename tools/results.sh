@@ -2,8 +2,11 @@
 # docs/results.md: every method on BBC News and on WordNet (conf/bench/*.toml: 8 clients,
 # heterogeneous budgets), Dirichlet alpha 0.5 and 0.1, 3 seeds. Hours on a 2-core CPU: run it
 # on an otherwise idle machine (`make results` also does the set-up). A comparison whose
-# comparison.json and run.json exist is kept (delete its folder, or FORCE=1, to redo it), so an
-# interrupted run resumes at the first unfinished comparison.
+# comparison.json and run.json exist is kept (delete its folder to redo it; FORCE=1 re-enters it
+# but still reuses its finished runs), and
+# `hfedmoe compare` reuses every finished run of the same configuration, so an interrupted
+# run resumes at its first unfinished (method, seed). (run.json's wall time then counts only
+# the resumed part.)
 #
 # Environment overrides (defaults in brackets):
 #   METHODS [all seven below]  SEEDS [3]  BENCHES ["bbc wordnet"]  ALPHAS ["0.5 0.1"]

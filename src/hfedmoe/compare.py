@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from hfedmoe.config import RunConfig, parse_run_config
+from hfedmoe.config import RunConfig, load_config_file, parse_run_config
 from hfedmoe.plots import plot_comparison
 
 SCALAR_FIELDS = ("final_accuracy", "final_personal_accuracy", "best_accuracy",
@@ -93,16 +93,36 @@ def comparison_table(comparison: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def finished_run(config: RunConfig) -> dict[str, Any] | None:
+    """The summary of the finished run of ``config`` in ``config.out``, if there is one whose
+    recorded configuration (config.toml) equals ``config``; None otherwise."""
+    directory = Path(config.out)
+    summary, recorded = directory / "summary.json", directory / "config.toml"
+    if not (summary.is_file() and recorded.is_file()):
+        return None
+    try:
+        same = parse_run_config(load_config_file(recorded)) == config
+        return json.loads(summary.read_text()) if same else None
+    except (ValueError, OSError):  # a damaged or older run: run it again
+        return None
+
+
 def compare(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Path,
             target: float, run: Callable[[RunConfig], dict]) -> dict[str, Any]:
-    """Run every (method, seed) with ``run`` and write the comparison files into ``out``."""
+    """Run every (method, seed) with ``run`` and write the comparison files into ``out``.
+
+    A (method, seed) whose directory already holds a finished run (summary.json) of exactly
+    the same configuration is read back instead of run again, so an interrupted comparison
+    resumes at its first unfinished run.
+    """
     out.mkdir(parents=True, exist_ok=True)
     flat = config.to_flat()
     results: dict[str, Any] = {}
     for method in methods:
-        summaries = [run(parse_run_config(flat, {"method": method, "seed": seed,
-                                                 "out": str(out / method / f"seed-{seed}")}))
-                     for seed in seeds]
+        summaries = [finished_run(c) or run(c) for c in (
+            parse_run_config(flat, {"method": method, "seed": seed,
+                                    "out": str(out / method / f"seed-{seed}")})
+            for seed in seeds)]
         results[method] = summarise_method(summaries, target)
     comparison = {"target_accuracy": target, "seeds": list(seeds), "methods": results,
                   "config": {k: v for k, v in flat.items() if k not in ("method", "seed", "out")}}

@@ -80,6 +80,7 @@ class RunRecorder:
         self.config = config
         self._records: list[dict[str, Any]] = [dict(r) for r in records]
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a summary marks a finished run
         _write_atomic(self.out_dir / CONFIG_FILE, config_to_toml(config))
         _write_atomic(self.out_dir / METRICS_FILE, "".join(
             json.dumps(r, default=_json_default) + "\n" for r in self._records))

@@ -5,7 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hfedmoe.compare import comparison_table, rounds_to_target, seconds_to_target
+from hfedmoe.compare import compare, comparison_table, rounds_to_target, seconds_to_target
+from hfedmoe.config import load_config_file, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -45,3 +46,27 @@ def test_target_helpers():
     summary = {"accuracy_by_round": [0.1, 0.5, 0.8, 0.9], "round_seconds_by_round": [0, 2, 3, 4]}
     assert rounds_to_target(summary, 0.8) == 2 and seconds_to_target(summary, 0.8) == 5.0
     assert rounds_to_target(summary, 0.95) is None and seconds_to_target(summary, 0.95) is None
+
+
+def test_an_interrupted_compare_reuses_finished_runs_of_the_same_config(tmp_path):
+    from hfedmoe.runner import run_experiment
+
+    config = parse_run_config(load_config_file(ROOT / "conf/tiny.toml"),
+                              {"num-server-rounds": 1, "train.local-steps": 1})
+    ran: list[tuple[str, int]] = []
+
+    def counting(c):
+        ran.append((c.method, c.seed))
+        return run_experiment(c)
+
+    first = compare(config, ["hfedmoe", "fedavg"], [0], tmp_path, 0.2, counting)
+    assert ran == [("hfedmoe", 0), ("fedavg", 0)]
+    (tmp_path / "fedavg" / "seed-0" / "summary.json").unlink()  # fedavg "was interrupted"
+    again = compare(config, ["hfedmoe", "fedavg"], [0], tmp_path, 0.2, counting)
+    assert ran[2:] == [("fedavg", 0)]  # only the unfinished run ran again
+    assert again["methods"]["hfedmoe"] == first["methods"]["hfedmoe"]  # read back, as was
+    assert again["methods"]["fedavg"]["final_accuracy"] == first["methods"]["fedavg"][
+        "final_accuracy"]  # re-run: same result, other wall times
+    changed = parse_run_config(config.to_flat(), {"train.lr": 0.01})
+    compare(changed, ["hfedmoe"], [0], tmp_path, 0.2, counting)
+    assert ran[3:] == [("hfedmoe", 0)]  # another configuration is never reused
