@@ -119,7 +119,9 @@ def _order(path: Path) -> tuple[str, float, str]:
         return path.parent.name, 0.0, path.parent.name
 
 
-def page(root: Path) -> str:
+def page(root: Path, notes: Path | None = None) -> str:
+    """The page: one section per comparison under ``root``, then ``notes`` (Markdown written
+    by hand, e.g. docs/results_notes.md: what the figures mean, where a method loses)."""
     found = sorted(root.glob("*/comparison.json"), key=_order)
     if not found:
         raise SystemExit(f"results_page: no */comparison.json under {root}")
@@ -134,6 +136,8 @@ def page(root: Path) -> str:
         run_file = path.parent / "run.json"
         run = json.loads(run_file.read_text()) if run_file.exists() else None
         lines += section(path.parent.name, json.loads(path.read_text()), run)
+    if notes is not None and notes.is_file():  # the hand-written reading of the figures
+        lines += ["", notes.read_text().rstrip()]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -147,11 +151,13 @@ def main(argv: list[str] | None = None) -> None:
     pg = commands.add_parser("page", help="write the results page")
     pg.add_argument("root", type=Path)
     pg.add_argument("--out", type=Path, default=Path("docs/results.md"))
+    pg.add_argument("--notes", type=Path, default=Path("docs/results_notes.md"),
+                    help="hand-written Markdown appended to the page, if the file exists")
     args = parser.parse_args(argv)
     if args.command == "record":
         record(args.directory, args.cmd, args.wall_seconds)
     else:
-        args.out.write_text(page(args.root))
+        args.out.write_text(page(args.root, args.notes))
         print(f"wrote {args.out}")
 
 
