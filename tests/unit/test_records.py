@@ -42,3 +42,53 @@ def test_bad_updates_are_rejected(update, message):
     with pytest.raises(ValueError, match=message):
         records.check_update(update, {"expert.0.0.w": torch.zeros(2)})
     records.check_update({"expert.0.0.w": torch.ones(2)}, {"expert.0.0.w": torch.zeros(2)})
+
+
+class _Sink:
+    def __init__(self):
+        self.records = []
+
+    def record_round(self, record):
+        self.records.append(record)
+
+
+class _Display:
+    def round_started(self, server_round):
+        pass
+
+    def round_finished(self, record):
+        pass
+
+
+def test_a_retried_round_counts_the_bytes_of_every_attempt():
+    """Attempt 1 (too few replies) still spent its traffic: the round record adds it to the
+    last attempt's, and keeps the earlier attempt's failures."""
+    from hfedmoe.federation.rounds import RoundBook
+    sink = _Sink()
+    book = RoundBook(sink, _Display())
+    book.round_started(1, 3)
+    book.train_finished(1, [], [{"client_id": 2, "kind": "raised"}], {0: (100, 1000)}, 3000,
+                        aggregated=False)
+    book.round_started(1, 3)  # the retry
+    book.train_finished(1, [], [], {0: (70, 1000), 1: (50, 1000)}, 3000)
+    book.evaluated(1, 0.5, 1.0)
+    record = sink.records[-1]
+    assert (record["bytes_up"], record["bytes_down"]) == (100 + 70 + 50, 2 * 3000)
+    assert record["attempts"] == 2 and record["earlier_failures"][0]["client_id"] == 2
+    assert len(record["clients"]) == 0 and record["failures"] == []
+    book.round_started(2, 3)  # a new round starts from zero
+    book.train_finished(2, [], [], {0: (10, 1000)}, 3000)
+    book.evaluated(2, 0.5, 1.0)
+    record = sink.records[-1]
+    assert (record["bytes_up"], record["bytes_down"]) == (10, 3000)
+    book.round_started(3, 3)
+    book.train_finished(3, [], [{"client_id": 1, "kind": "raised"}], {}, 3000, aggregated=False)
+    book.round_started(3, 3)
+    book.train_finished(3, [], [{"client_id": 0, "kind": "raised"}], {}, 3000, aggregated=False)
+    book.round_started(3, 3)
+    book.train_finished(3, [], [], {0: (7, 1000)}, 3000)
+    book.evaluated(3, 0.5, 1.0)
+    record = sink.records[-1]
+    assert record["attempts"] == 3
+    assert (record["bytes_up"], record["bytes_down"]) == (7, 3 * 3000)
+    assert [f["client_id"] for f in record["earlier_failures"]] == [1, 0]

@@ -91,10 +91,17 @@ class RoundBook:
 
     def round_started(self, server_round: int, num_sampled: int) -> None:
         """A round (or a retry of it: same ``server_round`` again) was sent out."""
-        if server_round == self._pending_round:  # a retry keeps the earlier attempts' failures
-            earlier = self._pending.get("earlier_failures", []) + self._pending.get("failures", [])
-            self._pending = {"sampled": num_sampled, "attempts": self._pending["attempts"] + 1,
-                             "earlier_failures": earlier}
+        if server_round == self._pending_round:
+            # a retry keeps the earlier attempts' failures, and their bytes: what was sent and
+            # uploaded in a failed attempt travelled all the same
+            done = self._pending
+            self._pending = {
+                "sampled": num_sampled, "attempts": done["attempts"] + 1,
+                "earlier_failures": done.get("earlier_failures", []) + done.get("failures", []),
+                # bytes_* of the attempt just done already include the attempts before it
+                "earlier_bytes_up": done.get("bytes_up", done.get("earlier_bytes_up", 0)),
+                "earlier_bytes_down": done.get("bytes_down", done.get("earlier_bytes_down", 0)),
+            }
             return
         self._round_start = time.perf_counter()
         self._display.round_started(server_round)
@@ -117,8 +124,10 @@ class RoundBook:
                       if weights else None)
         self._pending.update({
             "train_loss": train_loss,
-            "bytes_up": sum(up for up, _ in traffic.values()),
-            "bytes_down": bytes_down,
+            # every attempt of the round (retries included); clients[*] are the last attempt's
+            "bytes_up": (sum(up for up, _ in traffic.values())
+                         + self._pending.get("earlier_bytes_up", 0)),
+            "bytes_down": bytes_down + self._pending.get("earlier_bytes_down", 0),
             "clients": sorted((client_entry(u, *traffic[u.client_id],
                                             per_client.get(u.client_id))
                                for u in updates), key=lambda c: c["client_id"]),
