@@ -52,6 +52,12 @@ def test_a_superlink_error_reply_is_recorded_once_under_the_node_that_was_asked(
         [(3, 2, "node-unavailable")]
     assert [c["client_id"] for c in sink.rounds[-1]["clients"]] == [0, 1]
     assert metrics["aggregated"] == 1
+    # the lost node is not asked to evaluate this round (it would hold the round until the
+    # timeout); the next round's training asks it again
+    arrays = records.to_array_record(global_state)
+    evaluations = strategy.configure_evaluate(2, arrays, None, grid)
+    assert sorted(m.metadata.dst_node_id for m in evaluations) == [1, 2]
+    assert sorted(_push_round(strategy, 3, global_state, grid)) == [1, 2, 3]
 
 
 def _context(node_config):

@@ -56,6 +56,9 @@ def sample_node_ids(grid: Grid, fraction: float, seed: int, server_round: int,
 
 # Flower error codes of error replies -> the kind recorded in a round's failures
 ERROR_KINDS = {2: "raised", 3: "message-unavailable", 5: "node-unavailable", 8: "crashed"}
+# failure kinds after which a node is not asked to evaluate in the same round (it would only
+# cost the evaluation its timeout); a node that raised or was rejected is still reachable
+UNREACHABLE_KINDS = frozenset({"message-unavailable", "node-unavailable", "crashed", "timeout"})
 
 
 class PlannedStrategy(Strategy):
@@ -69,6 +72,7 @@ class PlannedStrategy(Strategy):
         self._instructions: list[Message] = []  # this round's, message ids set by the grid
         self.client_of: dict[int, int] = {}  # node id -> client (partition) id, from replies
         self._sampled_once = False  # the first sampling waits for every node; later ones not
+        self._unreachable: set[int] = set()  # nodes lost in this round's training
 
     def summary(self) -> None:
         log.info("hfedmoe strategy: method=%s, %d MoE layers x %d experts (top-%d)",
@@ -150,6 +154,7 @@ class PlannedStrategy(Strategy):
             updates.append(update)
         failures += [failure(n, "no reply before the round timeout", "timeout")
                      for n in self._sent if n not in answered]
+        self._unreachable = {f["node_id"] for f in failures if f["kind"] in UNREACHABLE_KINDS}
         enough = len(updates) >= self._config.federation.min_replies
         new_state, diagnostics = (self._method.aggregate(global_state, updates) if enough
                                   else (None, {}))
@@ -164,12 +169,14 @@ class PlannedStrategy(Strategy):
                            grid: Grid) -> Iterable[Message]:
         """Personalised evaluation: every connected node evaluates the new global model (with
         its personal state) on its own test split; none when data.client-test-fraction = 0.
-        The global test split is evaluated centrally (evaluate_fn)."""
+        A node lost in this round's training (UNREACHABLE_KINDS) is not asked: it would hold
+        the round until the timeout. The global test split is evaluated centrally
+        (evaluate_fn)."""
         if self._config.data.client_test_fraction <= 0:
             return []
         content = records.evaluate_instruction(server_round, self._flat_config, arrays)
         return [Message(content, node_id, MessageType.EVALUATE, group_id=str(server_round))
-                for node_id in sorted(grid.get_node_ids())]
+                for node_id in sorted(set(grid.get_node_ids()) - self._unreachable)]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
