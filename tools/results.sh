@@ -6,7 +6,8 @@
 # but still reuses its finished runs), and
 # `hfedmoe compare` reuses every finished run of the same configuration, so an interrupted
 # run resumes at its first unfinished (method, seed). (run.json's wall time then counts only
-# the resumed part.)
+# the resumed part.) To add methods to a finished comparison: FORCE=1 METHODS=<old,new>; its
+# wall time is then added to the earlier run.json's.
 #
 # Environment overrides (defaults in brackets):
 #   METHODS [all seven below]  SEEDS [3]  BENCHES ["bbc wordnet"]  ALPHAS ["0.5 0.1"]
@@ -42,10 +43,12 @@ for bench in $BENCHES; do
     cmd=(hfedmoe compare --methods "$METHODS" --seeds "$SEEDS" --target "$(target_for "$bench")"
          --config "$CONF_DIR/$bench.toml" --set "data.dirichlet-alpha=$alpha" --out "$dir" "$@")
     echo "results: ${cmd[*]}"
+    extend=()
+    [[ -f "$dir/run.json" ]] && extend=(--add-to-previous)  # FORCE=1 over a finished one
     start=$(date +%s)
     "$HFEDMOE" "${cmd[@]:1}"
     "$PYTHON" tools/results_page.py record "$dir" --command "${cmd[*]}" \
-      --wall-seconds "$(($(date +%s) - start))"
+      --wall-seconds "$(($(date +%s) - start))" "${extend[@]}"
   done
 done
 "$PYTHON" tools/results_page.py page "$OUT" --out "$PAGE"

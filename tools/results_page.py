@@ -39,9 +39,20 @@ def machine() -> dict[str, Any]:
             "memory_gib": round(mem_kib / 2**20, 1) if mem_kib else None}
 
 
-def record(directory: Path, command: str, wall_seconds: float) -> dict[str, Any]:
-    """Write ``directory/run.json`` describing how its comparison was produced."""
-    info = {"command": command, "wall_seconds": wall_seconds, "machine": machine(),
+def record(directory: Path, command: str, wall_seconds: float, add_to_previous: bool = False
+           ) -> dict[str, Any]:
+    """Write ``directory/run.json`` describing how its comparison was produced.
+
+    ``add_to_previous``: the comparison was extended (e.g. methods added; the finished runs
+    were reused), so the wall time is the earlier run.json's plus ``wall_seconds``."""
+    parts = 1
+    previous = directory / "run.json"
+    if add_to_previous and previous.exists():
+        earlier = json.loads(previous.read_text())
+        wall_seconds += earlier["wall_seconds"]
+        parts = earlier.get("parts", 1) + 1
+    info = {"command": command, "wall_seconds": wall_seconds, "parts": parts,
+            "machine": machine(),
             "finished": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     (directory / "run.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -97,7 +108,9 @@ def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | N
         memory = f", {m['memory_gib']} GiB RAM" if m.get("memory_gib") else ""
         lines += [f"Command: `{run['command']}`", "",
                   f"Machine: {m['cpu']}, {m['cores']} cores{memory}. Wall time: "
-                  f"{duration(run['wall_seconds'])} (finished {run['finished']}).", ""]
+                  f"{duration(run['wall_seconds'])}"
+                  f"{' in %d parts' % run['parts'] if run.get('parts', 1) > 1 else ''} "
+                  f"(finished {run['finished']}).", ""]
     else:
         total = sum(v or 0.0 for m in comparison["methods"].values()
                     for v in m["wall_seconds"]["values"])
@@ -148,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     rec.add_argument("directory", type=Path)
     rec.add_argument("--command", required=True, dest="cmd")
     rec.add_argument("--wall-seconds", type=float, required=True)
+    rec.add_argument("--add-to-previous", action="store_true",
+                     help="add the wall time to DIR/run.json's (an extended comparison)")
     pg = commands.add_parser("page", help="write the results page")
     pg.add_argument("root", type=Path)
     pg.add_argument("--out", type=Path, default=Path("docs/results.md"))
@@ -155,7 +170,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="hand-written Markdown appended to the page, if the file exists")
     args = parser.parse_args(argv)
     if args.command == "record":
-        record(args.directory, args.cmd, args.wall_seconds)
+        record(args.directory, args.cmd, args.wall_seconds, args.add_to_previous)
     else:
         args.out.write_text(page(args.root, args.notes))
         print(f"wrote {args.out}")

@@ -104,6 +104,16 @@ def test_record_describes_this_machine(tool, tmp_path):
     assert tool.duration(3725.0) == "1 h 02 min" and tool.duration(110.0) == "2 min"
 
 
+def test_an_extended_comparison_adds_its_wall_time_to_the_earlier_one(tool, tmp_path):
+    tool.record(tmp_path, "hfedmoe compare --methods a,b", 600.0)
+    info = tool.record(tmp_path, "hfedmoe compare --methods a,b,c", 300.0, add_to_previous=True)
+    assert (info["wall_seconds"], info["parts"]) == (900.0, 2)
+    assert info["command"] == "hfedmoe compare --methods a,b,c"
+    assert tool.record(tmp_path, "again", 60.0)["wall_seconds"] == 60.0  # a fresh record
+    comparison = {"target_accuracy": 0.9, "seeds": [0], "config": {}, "methods": {}}
+    assert "Wall time: 15 min in 2 parts" in "\n".join(tool.section("bbc-0.5", comparison, info))
+
+
 def test_no_comparison_is_an_error(tool, tmp_path):
     with pytest.raises(SystemExit, match="no \\*/comparison.json"):
         tool.page(tmp_path)
