@@ -12,7 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass, replace
 
-from hfedmoe.client import build_model, client_data, local_settings
+from hfedmoe.client import build_model, client_datasets, local_settings
 from hfedmoe.config import RunConfig
 from hfedmoe.model.state import read_state, set_trainable, write_state
 from hfedmoe.strategies import method_for
@@ -31,8 +31,9 @@ class BenchRow:
 
 
 def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) -> list[BenchRow]:
-    data, num_labels = client_data(config, partition_id=0)
-    adapter = build_model(config, num_labels)
+    client = client_datasets(config, partition_id=0)
+    data = client.train
+    adapter = build_model(config, client.num_labels)
     params = set_trainable(adapter, config.model.trainable_non_expert)
     initial = read_state(params)
     total = adapter.geometry.total_experts

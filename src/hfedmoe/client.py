@@ -83,12 +83,6 @@ def client_datasets(config: RunConfig, partition_id: int) -> ClientData:
                       len(corpus.label_names))
 
 
-def client_data(config: RunConfig, partition_id: int) -> tuple[TokenizedSet, int]:
-    """This client's tokenized training split and the number of labels."""
-    data = client_datasets(config, partition_id)
-    return data.train, data.num_labels
-
-
 def local_settings(config: RunConfig, seed: int, local_steps: int | None = None
                    ) -> LocalTrainingSettings:
     """The local-training settings of ``config`` (``local_steps`` overrides train.local-steps)."""
