@@ -81,11 +81,13 @@ def method_table(comparison: Mapping[str, Any]) -> list[str]:
     methods = comparison["methods"]
     personal = any(personal_stats(m) is not None for m in methods.values())
     head = ["method", "final accuracy"] + (["personalised accuracy"] if personal else []) + [
-        f"rounds to {comparison['target_accuracy']}", "MiB uploaded", "budget respected"]
+        "best accuracy", f"rounds to {comparison['target_accuracy']}", "MiB uploaded",
+        "budget respected"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in methods.items():
         row = [name, cell(m["final_accuracy"])]
         row += [cell(personal_stats(m), missing="n/a")] if personal else []
+        row += [cell(m.get("best_accuracy"), missing="n/a")]  # the best round of each seed
         row += [cell(m["rounds_to_target"], digits=1), cell(m["bytes_up"], MIB, 1),
                 "yes" if m["within_budget"] else "**no**"]
         lines.append("| " + " | ".join(row) + " |")
@@ -143,8 +145,10 @@ def page(root: Path, notes: Path | None = None) -> str:
              "(`make results`) writes; do not edit by hand. Methods differ only in `method`: "
              "data, partitions, budgets, local steps and evaluation are identical for a seed. "
              "\"budget respected\": every client of every seed kept its active experts per batch "
-             "within its budget. Wall times are of a shared or idle machine as stated; compare "
-             "methods by accuracy and bytes, not by seconds.", ""]
+             "within its budget. \"best accuracy\": each seed's best round (global test "
+             "split), a measure of how far a method got before late-round swings. Wall times "
+             "are of a shared or idle machine as stated; compare methods by accuracy and "
+             "bytes, not by seconds.", ""]
     for path in found:
         run_file = path.parent / "run.json"
         run = json.loads(run_file.read_text()) if run_file.exists() else None

@@ -66,6 +66,7 @@ def test_table_matches_comparison_json(tool):
         m = comparison["methods"][row["method"]]
         assert row["final accuracy"] == expected(m["final_accuracy"]["values"])
         assert row["personalised accuracy"] == expected(m["final_personal_accuracy"]["values"])
+        assert row["best accuracy"] == expected(m["best_accuracy"]["values"])
         assert row["rounds to 0.9"] == expected(m["rounds_to_target"]["values"], digits=1)
         assert row["MiB uploaded"] == expected(m["bytes_up"]["values"], 2**20, 1)
         assert row["budget respected"] == ("yes" if m["within_budget"] else "**no**")
@@ -88,8 +89,8 @@ def test_absent_personal_accuracy_drops_the_column_and_partial_targets_say_so(to
     (root / "tiny-0.5" / "run.json").unlink()
     page = tool.page(root)
     (rows,) = tables(page)
-    assert list(rows[0]) == ["method", "final accuracy", "rounds to 0.9", "MiB uploaded",
-                             "budget respected"]
+    assert list(rows[0]) == ["method", "final accuracy", "best accuracy", "rounds to 0.9",
+                             "MiB uploaded", "budget respected"]
     assert rows[0]["rounds to 0.9"] == "2.0 ± 0.0 (1/2 seeds)"
     assert rows[1]["rounds to 0.9"] == "never"
     total = sum(v for m in comparison["methods"].values() for v in m["wall_seconds"]["values"])
