@@ -18,6 +18,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from hfedmoe.config import EXPERT_STEPS
 from hfedmoe.model.state import EXPERT, ROUTER, SHARED, expert_of, parse_key
 
 State = dict[str, torch.Tensor]
@@ -90,7 +91,7 @@ def _by_client(updates: Sequence[ClientUpdate]) -> dict[int, ClientUpdate]:
 
 
 def aggregate_experts(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                      dominant: Mapping[int, torch.Tensor]) -> State:
+                      dominant: Mapping[int, torch.Tensor], step: str = "holders") -> State:
     """Sparsity-aware expert aggregation (Eq. 17).
 
     For each ``expert.<l>.<e>.*`` key: the mean of the uploaded tensors with weights
@@ -98,7 +99,14 @@ def aggregate_experts(global_state: Mapping[str, torch.Tensor], updates: Sequenc
     ``dominant[client_id]`` is S_c as an (L, S) bool. Experts nobody uploaded, or whose
     uploaders all have e outside S_c, keep their global value; non-expert keys are returned
     unchanged.
+
+    ``step = "data-share"`` (an option, not the paper): the expert moves from its global value
+    g towards that mean m only by its holders' share of the round's examples,
+    g + (sum of w_c(e) / sum of |D_c| over all updates) * (m - g) - what FedAvg gives when
+    every non-holder sends g back, at the sparse upload's size (docs/hfedmoe.md).
     """
+    if step not in EXPERT_STEPS:
+        raise ValueError(f"expert step '{step}' is not one of {', '.join(EXPERT_STEPS)}")
     _by_client(updates)
     for update in updates:
         if update.client_id not in dominant:
@@ -114,7 +122,17 @@ def aggregate_experts(global_state: Mapping[str, torch.Tensor], updates: Sequenc
             raise ValueError(f"key '{key}' is outside the (L, S) = {tuple(mask.shape)} dominant set")
         return float(update.num_examples) if bool(mask[layer, expert]) else 0.0
 
-    return weighted_average(global_state, updates, weight)
+    averaged = weighted_average(global_state, updates, weight)
+    if step == "holders":
+        return averaged
+    examples = float(sum(update.num_examples for update in updates))
+    for key, mean in averaged.items():
+        held = sum(weight(u, key) for u in updates if key in u.state)  # 0 for non-expert keys
+        if held > 0:
+            current = global_state[key].to(torch.float64)
+            averaged[key] = (current + (held / examples) * (mean.to(torch.float64) - current)
+                             ).to(global_state[key].dtype)
+    return averaged
 
 
 def routing_consistency(dominant_by_client: Mapping[int, torch.Tensor]) -> dict[int, float]:
@@ -180,10 +198,11 @@ def aggregate_gates(global_state: Mapping[str, torch.Tensor], updates: Sequence[
 
 
 def hfedmoe_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
-                      tau: float, uniform_gate: bool = False) -> tuple[State, dict]:
+                      tau: float, uniform_gate: bool = False, expert_step: str = "holders"
+                      ) -> tuple[State, dict]:
     """One HFedMoE server step (method.md section 5, step 4).
 
-    Experts by Eq. 17 over S_c = {u_c >= tau}; routers by Eq. 21 with normalised alpha (or, with
+    Experts by Eq. 17 over S_c = {u_c >= tau} (``expert_step``: see aggregate_experts); routers by Eq. 21 with normalised alpha (or, with
     ``uniform_gate``, alpha proportional to |D_c| - an ablation); ``shared.*``
     keys by FedAvg (|D_c|). Every update needs ``importance`` (the round-mean s^c(e)).
     Diagnostics: ``{"dominant_global": |S_global|, "clients": {client_id: {"gate_weight":
@@ -200,7 +219,8 @@ def hfedmoe_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequenc
         total = sum(u.num_examples for u in by_id.values())
         alpha = {cid: u.num_examples / total for cid, u in by_id.items()}
     new_state: State = {}
-    new_state.update(aggregate_experts(_split(global_state, EXPERT), updates, dominant))
+    new_state.update(aggregate_experts(_split(global_state, EXPERT), updates, dominant,
+                                       expert_step))
     new_state.update(aggregate_gates(_split(global_state, ROUTER), updates, alpha))
     new_state.update(fedavg(_split(global_state, SHARED), updates))
     consistency = routing_consistency(dominant)

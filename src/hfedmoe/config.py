@@ -32,6 +32,7 @@ ON_TOO_FEW = ("skip", "retry")
 ROBUST_AGGREGATIONS = ("mean", "clip", "trimmed-mean")
 FAILURE_MODES = ("raise", "hang")
 ATTACKS = ("sign-flip", "scale")
+EXPERT_STEPS = ("holders", "data-share")  # hfedmoe.aggregation.aggregate_experts
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -218,12 +219,14 @@ class HFedMoEConfig:
     lambda_: float  # key "lambda" (a Python keyword)
     beta: float
     tau: float
+    expert_step: str  # "holders" (Eq. 17) or "data-share" (hfedmoe.aggregation)
 
     def __post_init__(self) -> None:
         _require(0 <= self.lambda_ <= 1, "hfedmoe.lambda", self.lambda_, "a number in [0, 1]")
         _require(self.beta >= 0 and math.isfinite(self.beta), "hfedmoe.beta", self.beta,
                  "a finite number >= 0")
         _require(0 <= self.tau <= 1, "hfedmoe.tau", self.tau, "a number in [0, 1]")
+        _choice("hfedmoe.expert-step", self.expert_step, EXPERT_STEPS)
 
 
 @dataclass(frozen=True)

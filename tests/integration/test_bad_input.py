@@ -49,6 +49,7 @@ BAD_INPUTS = [
     (["--set", "hfedmoe.lambda=1.5"], "'hfedmoe.lambda' = 1.5"),
     (["--set", "hfedmoe.beta=-0.1"], "'hfedmoe.beta' = -0.1"),
     (["--set", "hfedmoe.tau=2"], "'hfedmoe.tau' = 2.0"),
+    (["--set", "hfedmoe.expert-step=all"], "'hfedmoe.expert-step' = 'all'"),
     (["--config", "missing.toml"], "does not exist"),
     (["--set", "train.lr"], "key=value"),
 ]

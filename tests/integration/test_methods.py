@@ -72,3 +72,17 @@ def test_fedavg_agg_ablation_uploads_everything_and_no_ib_has_beta_zero(tmp_path
     for record in read_metrics(tmp_path / "hfedmoe-fedavg-agg")[1:]:
         assert all(c["uploaded_tensors"] == record["clients"][2]["uploaded_tensors"]
                    for c in record["clients"])
+
+
+def test_expert_step_reaches_the_aggregation():
+    """hfedmoe.expert-step = "data-share": an expert held by the client with 10 of 40
+    examples moves a quarter of the way to its upload (Eq. 17 moves it all the way)."""
+    usage = torch.tensor([[0.9, 0.1]])
+    updates = [ClientUpdate(0, 10, {"expert.0.0.w": torch.full((2,), 4.0)}, usage, {},
+                            importance=usage),
+               ClientUpdate(1, 30, {}, usage, {}, importance=usage)]
+    global_state = {"expert.0.0.w": torch.zeros(2)}
+    for step, expected in (("holders", 4.0), ("data-share", 1.0)):
+        config = parse_run_config({"method": "hfedmoe", "hfedmoe.expert-step": step})
+        new, _ = method_for(config).aggregate(global_state, updates)
+        assert torch.allclose(new["expert.0.0.w"], torch.full((2,), expected)), step

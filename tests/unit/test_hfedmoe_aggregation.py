@@ -91,6 +91,39 @@ def test_aggregate_experts_is_eq_17_with_partial_uploads():
     assert torch.equal(new["shared.classifier.weight"], gs["shared.classifier.weight"])
 
 
+def test_data_share_step_is_fedavg_with_the_non_holders_sending_the_global_value():
+    """hfedmoe.expert-step = "data-share" against an independent re-computation: FedAvg by
+    |D_c| over every client, where a client that did not upload an expert, or has it
+    outside S_c, contributes the global value."""
+    g = torch.Generator().manual_seed(11)
+    gs = _global_state()
+    expert_keys = [k for k in gs if k.startswith("expert.")]
+    updates, dominant = [], {}
+    for cid, n in [(0, 10), (1, 30), (2, 7), (3, 21)]:
+        keys = [k for k in expert_keys if torch.rand(1, generator=g) < 0.7]
+        updates.append(_client(cid, n, cid, keys + ["shared.classifier.weight"]))
+        dominant[cid] = torch.rand(L, S, generator=g) < 0.6
+    new = aggregate_experts(gs, updates, dominant, step="data-share")
+    examples = sum(u.num_examples for u in updates)
+    for key in expert_keys:
+        _, l, e, _ = key.split(".")
+        expected = sum(u.num_examples / examples * (
+            u.state[key] if key in u.state and bool(dominant[u.client_id][int(l), int(e)])
+            else gs[key]).double() for u in updates)
+        assert torch.allclose(new[key].double(), expected, atol=1e-6), key
+    # an expert some client holds moves less than under Eq. 17, in the same direction
+    holders = aggregate_experts(gs, updates, dominant)
+    moved = [k for k in expert_keys if not torch.equal(holders[k], gs[k])]
+    assert moved
+    for key in moved:
+        full, damped = holders[key] - gs[key], new[key] - gs[key]
+        share = float(damped.norm() / full.norm())
+        assert 0 < share < 1 and torch.allclose(damped, share * full, atol=1e-5), key
+    assert torch.equal(new["shared.classifier.weight"], gs["shared.classifier.weight"])
+    with pytest.raises(ValueError, match="expert step 'all'"):
+        aggregate_experts(gs, updates, dominant, step="all")
+
+
 def test_expert_nobody_uploaded_or_nobody_dominates_is_bit_identical():
     gs = _global_state()
     before = {k: v.clone() for k, v in gs.items()}

@@ -23,7 +23,8 @@ from hfedmoe.strategies.robust import robust_method
 def method_for(config: RunConfig) -> Method:
     """The method named by the config key ``method`` (validated by hfedmoe.config)."""
     h = config.hfedmoe
-    hfedmoe = HFedMoEMethod(h.lambda_, h.beta, h.tau, config.budget.per_layer or None)
+    hfedmoe = HFedMoEMethod(h.lambda_, h.beta, h.tau, config.budget.per_layer or None,
+                            expert_step=h.expert_step)
     methods: dict[str, Method] = {
         "hfedmoe": hfedmoe,
         "fedavg": FedAvgMethod(),

@@ -56,6 +56,7 @@ class HFedMoEMethod:
     sparse_upload: bool = True  # False: upload every trainable tensor (ablation)
     expert_aggregation: str = "sparse"  # "sparse" (Eq. 17) or "fedavg" (ablation)
     gate_weighting: str = "importance"  # "importance" (Eqs. 19-21) or "examples" (ablation)
+    expert_step: str = "holders"  # hfedmoe.expert-step: "holders" (Eq. 17) or "data-share"
 
     def participates(self, budget_experts: int, geometry: MoEGeometry) -> bool:
         return True
@@ -81,4 +82,5 @@ class HFedMoEMethod:
         if self.expert_aggregation == "fedavg":
             return fedavg(global_state, updates), {}
         return hfedmoe_aggregate(global_state, updates, self.tau,
-                                 uniform_gate=self.gate_weighting == "examples")
+                                 uniform_gate=self.gate_weighting == "examples",
+                                 expert_step=self.expert_step)
