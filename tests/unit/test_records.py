@@ -6,6 +6,8 @@ import torch
 from hfedmoe.federation import records
 from hfedmoe.training import LocalTrainingResult
 
+from test_personal_eval import _Display, _Sink  # a RoundBook's record sink and display
+
 
 def _result():
     return LocalTrainingResult(
@@ -42,22 +44,6 @@ def test_bad_updates_are_rejected(update, message):
     with pytest.raises(ValueError, match=message):
         records.check_update(update, {"expert.0.0.w": torch.zeros(2)})
     records.check_update({"expert.0.0.w": torch.ones(2)}, {"expert.0.0.w": torch.zeros(2)})
-
-
-class _Sink:
-    def __init__(self):
-        self.records = []
-
-    def record_round(self, record):
-        self.records.append(record)
-
-
-class _Display:
-    def round_started(self, server_round):
-        pass
-
-    def round_finished(self, record):
-        pass
 
 
 def test_a_retried_round_counts_the_bytes_of_every_attempt():
