@@ -41,11 +41,14 @@ def weighted_average(
     global_state: Mapping[str, torch.Tensor],
     updates: Sequence[ClientUpdate],
     weight: Callable[[ClientUpdate, str], float],
+    total_weight: float | None = None,
 ) -> State:
     """New global state: per key, the ``weight``-weighted mean over clients that sent it.
 
     ``weight(update, key)`` must be >= 0; a key whose senders all have weight 0 (or that no
-    client sent) keeps its global value.
+    client sent) keeps its global value. ``total_weight``: normalise by it instead of by the
+    senders' weights, the remaining weight going to the global value (as if the clients that
+    did not send the key had sent it unchanged).
     """
     new_state: State = {}
     for key, current in global_state.items():
@@ -58,6 +61,9 @@ def weighted_average(
             if w > 0:
                 total += w * update.state[key].to(torch.float64)
                 weight_sum += w
+        if weight_sum > 0 and total_weight is not None:
+            total += (total_weight - weight_sum) * current.to(torch.float64)
+            weight_sum = total_weight
         new_state[key] = (total / weight_sum).to(current.dtype) if weight_sum > 0 else current.clone()
     return new_state
 
@@ -122,17 +128,9 @@ def aggregate_experts(global_state: Mapping[str, torch.Tensor], updates: Sequenc
             raise ValueError(f"key '{key}' is outside the (L, S) = {tuple(mask.shape)} dominant set")
         return float(update.num_examples) if bool(mask[layer, expert]) else 0.0
 
-    averaged = weighted_average(global_state, updates, weight)
-    if step == "holders":
-        return averaged
     examples = float(sum(update.num_examples for update in updates))
-    for key, mean in averaged.items():
-        held = sum(weight(u, key) for u in updates if key in u.state)  # 0 for non-expert keys
-        if held > 0:
-            current = global_state[key].to(torch.float64)
-            averaged[key] = (current + (held / examples) * (mean.to(torch.float64) - current)
-                             ).to(global_state[key].dtype)
-    return averaged
+    return weighted_average(global_state, updates, weight,
+                            total_weight=examples if step == "data-share" else None)
 
 
 def routing_consistency(dominant_by_client: Mapping[int, torch.Tensor]) -> dict[int, float]:
@@ -202,8 +200,9 @@ def hfedmoe_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequenc
                       ) -> tuple[State, dict]:
     """One HFedMoE server step (method.md section 5, step 4).
 
-    Experts by Eq. 17 over S_c = {u_c >= tau} (``expert_step``: see aggregate_experts); routers by Eq. 21 with normalised alpha (or, with
-    ``uniform_gate``, alpha proportional to |D_c| - an ablation); ``shared.*``
+    Experts by Eq. 17 over S_c = {u_c >= tau} (``expert_step``: see aggregate_experts);
+    routers by Eq. 21 with normalised alpha (or, with ``uniform_gate``, alpha proportional to
+    |D_c| - an ablation); ``shared.*``
     keys by FedAvg (|D_c|). Every update needs ``importance`` (the round-mean s^c(e)).
     Diagnostics: ``{"dominant_global": |S_global|, "clients": {client_id: {"gate_weight":
     alpha(c), "routing_consistency": r(c), "dominant_per_layer": [|S_c in layer l|, ...]}}}``.
