@@ -23,7 +23,7 @@ from typing import Any, Mapping
 Scalar = bool | int | float | str
 
 METHODS = ("hfedmoe", "fedavg", "fedavg-full", "fedavg-drop", "random-subset", "fedmoe", "flex",
-           "hfedmoe-no-ib", "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate")
+           "hfedmoe-no-ib", "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate", "hfedmoe-data-share")
 DATA_SOURCES = ("bbc-news", "wordnet", "file", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological")
 TRAINABLE_NON_EXPERT = ("head", "all")

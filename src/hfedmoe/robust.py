@@ -23,7 +23,9 @@ every method in ``hfedmoe.strategies.method_for``):
   are dropped and the rest are averaged with their weights renormalised
   (:func:`weighted_trimmed_mean`). So HFedMoE's gate stays importance-weighted among the
   clients that survive trimming, and an attacker cannot protect an extreme value by claiming a
-  large weight (trimming counts clients, not weight).
+  large weight (trimming counts clients, not weight). Where the contributors' weights sum to
+  s < 1 (``hfedmoe.expert-step = "data-share"``: the rest of the weight stays on the global
+  value), the key moves the same fraction s of the way to the trimmed mean.
 
 Degenerate cases (tested): trim count 0 (``trim_fraction * n < 1``, e.g. an expert that only
 two clients trained) gives the method's aggregate for that key exactly; a clip bound above
@@ -31,8 +33,9 @@ every delta norm gives the method's aggregate exactly; keys nobody contributes k
 global value (the methods' invariant).
 
 Contract this relies on (every method here satisfies it; :func:`method_weights` raises if
-not): a method's ``aggregate`` is, per key, a weighted mean of the uploaded tensors whose
-weights do not depend on the tensor values.
+not): a method's ``aggregate`` is, per key, a weighted mean of the uploaded tensors and the
+global value (weight 1 - sum of the clients' weights, 0 for all but data-share) whose weights
+do not depend on the tensor values.
 """
 
 from __future__ import annotations
@@ -122,9 +125,10 @@ def method_weights(aggregate: Aggregate, global_state: Mapping[str, torch.Tensor
 
     Measured, not re-implemented: client j's weights are the aggregate of one-element probes
     (1 for client j's uploaded keys, 0 for everyone else's, 0 as the global value). A key
-    nobody contributes gets all-zero weights. Raises ValueError unless the weights explain
-    ``base``, the method's aggregate of the real ``updates`` (``aggregate`` is then not a
-    per-key weighted mean with value-independent weights).
+    nobody contributes gets all-zero weights; weights summing to less than 1 leave the rest on
+    the global value. Raises ValueError unless the weights explain ``base``, the method's
+    aggregate of the real ``updates`` (``aggregate`` is then not a per-key weighted mean with
+    value-independent weights).
     """
     zero = {key: torch.zeros(1, dtype=torch.float64) for key in global_state}
     columns = []
@@ -137,10 +141,10 @@ def method_weights(aggregate: Aggregate, global_state: Mapping[str, torch.Tensor
     weights = {key: torch.tensor([column[key] for column in columns], dtype=torch.float64)
                for key in global_state}
     for key, w in weights.items():
-        explained = global_state[key].double()
-        if float(w.sum()) > 0:
-            explained = sum(float(w[i]) * u.state[key].double()
-                            for i, u in enumerate(updates) if w[i] > 0) / float(w.sum())
+        explained = (1.0 - float(w.sum())) * global_state[key].double()
+        for i, update in enumerate(updates):
+            if w[i] > 0:
+                explained = explained + float(w[i]) * update.state[key].double()
         if bool((w < 0).any()) or not torch.allclose(explained, base[key].double(),
                                                      rtol=EXPLAIN_RTOL, atol=EXPLAIN_ATOL):
             raise ValueError(f"the method's aggregate of '{key}' is not a weighted mean of the "
@@ -169,8 +173,9 @@ def trimmed_mean(global_state: Mapping[str, torch.Tensor], updates: Sequence[Cli
     """``base`` (the method's aggregate) with, for every key, a coordinate-wise weighted
     trimmed mean over the clients of positive ``weights[key]`` (from :func:`method_weights`).
 
-    A key with trim count floor(trim_fraction * n) = 0 keeps its ``base`` value. Returns the
-    new state and the number of keys where values were trimmed.
+    A key with trim count floor(trim_fraction * n) = 0 keeps its ``base`` value. Contributors'
+    weights summing to s < 1 move the key the fraction s of the way from its global value to
+    the trimmed mean. Returns the new state and the number of keys where values were trimmed.
     """
     new_state, trimmed_keys = {key: base[key] for key in global_state}, 0
     for key, current in global_state.items():
@@ -180,6 +185,8 @@ def trimmed_mean(global_state: Mapping[str, torch.Tensor], updates: Sequence[Cli
             continue  # nothing to trim: the method's own value (exactly)
         values = torch.stack([updates[i].state[key].double() for i in contributors])
         result = weighted_trimmed_mean(values, weights[key][contributors], trim)
+        share = min(1.0, float(weights[key][contributors].sum()))  # 1 but for data-share
+        result = current.double() + share * (result - current.double())
         new_state[key] = result.to(current.dtype)
         trimmed_keys += 1
     return new_state, trimmed_keys

@@ -86,3 +86,6 @@ def test_expert_step_reaches_the_aggregation():
         config = parse_run_config({"method": "hfedmoe", "hfedmoe.expert-step": step})
         new, _ = method_for(config).aggregate(global_state, updates)
         assert torch.allclose(new["expert.0.0.w"], torch.full((2,), expected)), step
+    variant = method_for(parse_run_config({"method": "hfedmoe-data-share"}))
+    new, _ = variant.aggregate(global_state, updates)
+    assert torch.allclose(new["expert.0.0.w"], torch.full((2,), 1.0))

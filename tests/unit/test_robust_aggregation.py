@@ -190,6 +190,24 @@ def test_trimmed_mean_keeps_hfedmoe_gate_weights_among_the_survivors():
     assert torch.allclose(state["router.0.weight"].double(), expected, atol=1e-6)
 
 
+def test_trimmed_mean_with_the_data_share_step_moves_by_the_holders_share():
+    """expert-step = data-share leaves weight on the global value: the trimmed mean over the
+    holders, approached by the holders' share of the round's examples."""
+    global_state, updates = _federation(num_clients=8)
+    tau = 0.3  # usage of expert (0, 0): 0.23 and 0.27 for two clients, 0.46-0.67 for six
+    method = HFedMoEMethod(0.5, 0.1, tau, expert_step="data-share")
+    state, _ = RobustMethod(method, "trimmed-mean", trim_fraction=0.2
+                            ).aggregate(global_state, updates)
+    holders = [u for u in updates if bool(dominant_experts(u.usage, tau)[0, 0])]
+    assert len(holders) == 6  # trim 1 at each end; 2 trained it but are not holders
+    sizes = [float(u.num_examples) for u in holders]
+    share = sum(sizes) / sum(u.num_examples for u in updates)
+    trimmed = _trimmed_reference([u.state["expert.0.0.w"].double() for u in holders], sizes,
+                                 int(0.2 * len(holders)))
+    g = global_state["expert.0.0.w"].double()
+    assert torch.allclose(state["expert.0.0.w"].double(), g + share * (trimmed - g), atol=1e-6)
+
+
 def test_trimmed_mean_removes_an_attacker_that_the_mean_follows():
     global_state, updates = _federation()
     attacker = updates[4]

@@ -4,6 +4,9 @@ Ablations of HFedMoE are configurations of :class:`HFedMoEMethod` (one switch ea
 ``hfedmoe-no-ib`` (beta = 0: rank by importance alone), ``hfedmoe-fedavg-agg`` (HFedMoE's
 selection, but every trainable tensor uploaded and averaged by |D_c|: no sparsity-aware
 aggregation), ``hfedmoe-uniform-gate`` (the gate averaged by |D_c| instead of Eqs. 19-21).
+``hfedmoe-data-share`` is not an ablation but our variant: HFedMoE with
+``hfedmoe.expert-step = "data-share"`` (docs/hfedmoe.md), named so that ``compare`` can put it in
+the same table.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ def method_for(config: RunConfig) -> Method:
                                       expert_aggregation="fedavg"),
         "hfedmoe-uniform-gate": replace(hfedmoe, name="hfedmoe-uniform-gate",
                                         gate_weighting="examples"),
+        "hfedmoe-data-share": replace(hfedmoe, name="hfedmoe-data-share",
+                                      expert_step="data-share"),
     }
     return robust_method(methods[config.method], config.robust)  # robust.aggregation
 
