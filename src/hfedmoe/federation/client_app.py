@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
@@ -10,6 +12,7 @@ from hfedmoe import faults
 from hfedmoe.client import ClientResources, evaluate_client, run_client_round
 from hfedmoe.config import RunConfig, parse_run_config
 from hfedmoe.federation import records
+from hfedmoe.personal_store import CLIENT_STATE_DIR, PersonalStore
 
 
 def node_partition(context: Context, config: RunConfig) -> int:
@@ -21,6 +24,26 @@ def node_partition(context: Context, config: RunConfig) -> int:
         raise ValueError(f"node config num-partitions={partitions} differs from the run's "
                          f"data.num-clients={config.data.num_clients}")
     return int(context.node_config["partition-id"])
+
+
+def personal_store(context: Context, config: RunConfig, partition_id: int, lineage: str
+                   ) -> PersonalStore | None:
+    """Where this client keeps its personal state on disk (node config ``state-dir``, else
+    ``<out>/client-state``); None when the instruction names no lineage."""
+    if not lineage:
+        return None
+    state_dir = context.node_config.get("state-dir") or Path(config.out) / CLIENT_STATE_DIR
+    return PersonalStore.for_client(str(state_dir), lineage, partition_id)
+
+
+def personal_state(context: Context, store: PersonalStore | None, up_to_round: int
+                   ) -> dict[str, torch.Tensor]:
+    """The node's personal state: kept in its Context during a Flower run; at the start of a
+    resumed run (empty Context), the newest on disk of a round <= ``up_to_round``."""
+    state = records.personal_state(context.state)
+    if state or store is None:
+        return state
+    return store.load(up_to_round)
 
 
 def make_client_app() -> ClientApp:
@@ -35,10 +58,14 @@ def make_client_app() -> ClientApp:
         partition_id = node_partition(context, config)
         torch.set_num_threads(config.simulation.client_cpus)
         faults.inject_failure(config, partition_id, instruction.server_round)  # testing only
+        store = personal_store(context, config, partition_id, instruction.lineage)
         outcome = run_client_round(config, partition_id, instruction.server_round,
                                    instruction.global_state, context.node_config.get("budget"),
-                                   resources, records.personal_state(context.state))
+                                   resources,
+                                   personal_state(context, store, instruction.server_round - 1))
         records.store_personal_state(context.state, outcome.personal)
+        if store is not None and outcome.personal:
+            store.save(instruction.server_round, outcome.personal)
         upload = faults.attacked_upload(config.faults, partition_id, outcome.upload,
                                         instruction.global_state)  # testing only
         content = records.train_reply(partition_id, outcome.budget_experts, upload,
@@ -53,8 +80,10 @@ def make_client_app() -> ClientApp:
         config = parse_run_config(instruction.run_config)
         partition_id = node_partition(context, config)
         torch.set_num_threads(config.simulation.client_cpus)
+        store = personal_store(context, config, partition_id, instruction.lineage)
         result = evaluate_client(config, partition_id, instruction.global_state,
-                                 records.personal_state(context.state), resources)
+                                 personal_state(context, store, instruction.server_round),
+                                 resources)
         content = records.evaluate_reply(partition_id, result.num_examples, result.accuracy,
                                          result.loss)
         return Message(content, reply_to=msg)

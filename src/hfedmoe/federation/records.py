@@ -3,7 +3,10 @@
 Train instruction (server -> client), message type ``train``:
   ``"global"``  ArrayRecord  - the global trainable tensors, flat keys (hfedmoe.model.state)
   ``"plan"``    ConfigRecord - ``server-round``, ``run-config`` (the resolved run
-                               configuration as JSON, parsed again by hfedmoe.config)
+                               configuration as JSON, parsed again by hfedmoe.config),
+                               ``lineage`` (names the run across resumptions; "" = none:
+                               the client keeps no personal state on disk,
+                               hfedmoe.personal_store)
 Train reply (client -> server):
   ``"update"``  ArrayRecord  - the tensors the client uploads (any subset of the global keys)
   ``"metrics"`` MetricRecord - ``num-examples``, ``client-id``, ``train-loss``,
@@ -71,13 +74,15 @@ class TrainInstruction:
     server_round: int
     run_config: dict  # flat resolved configuration
     global_state: dict[str, torch.Tensor]
+    lineage: str = ""  # the run across resumptions ("": no personal state on disk)
 
 
-def train_instruction(server_round: int, flat_config: Mapping, global_arrays: ArrayRecord
-                      ) -> RecordDict:
+def train_instruction(server_round: int, flat_config: Mapping, global_arrays: ArrayRecord,
+                      lineage: str = "") -> RecordDict:
     config = ConfigRecord({
         "server-round": server_round,
         "run-config": json.dumps(dict(flat_config), sort_keys=True),
+        "lineage": lineage,
     })
     return RecordDict({GLOBAL: global_arrays, PLAN: config})
 
@@ -88,6 +93,7 @@ def parse_train_instruction(content: RecordDict) -> TrainInstruction:
         server_round=int(plan["server-round"]),
         run_config=json.loads(str(plan["run-config"])),
         global_state=from_array_record(content.array_records[GLOBAL]),
+        lineage=str(plan.get("lineage", "")),
     )
 
 
@@ -170,10 +176,10 @@ def check_update(update: Mapping[str, torch.Tensor], global_state: Mapping[str, 
 # --- personalised evaluation and the node's personal state -----------------------------------
 
 
-def evaluate_instruction(server_round: int, flat_config: Mapping, global_arrays: ArrayRecord
-                         ) -> RecordDict:
+def evaluate_instruction(server_round: int, flat_config: Mapping, global_arrays: ArrayRecord,
+                         lineage: str = "") -> RecordDict:
     """The evaluate instruction: the same records as the train instruction."""
-    return train_instruction(server_round, flat_config, global_arrays)
+    return train_instruction(server_round, flat_config, global_arrays, lineage)
 
 
 parse_evaluate_instruction = parse_train_instruction

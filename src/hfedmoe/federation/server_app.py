@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 from pathlib import Path
 from typing import Mapping
 
@@ -27,6 +28,7 @@ from hfedmoe.federation.rounds import RoundBook
 from hfedmoe.federation.strategy import PlannedStrategy
 from hfedmoe.model import load_tokenizer
 from hfedmoe.model.state import read_state, set_trainable, write_state
+from hfedmoe.personal_store import CLIENT_STATE_DIR
 from hfedmoe.progress import ProgressDisplay
 from hfedmoe.report import RunRecorder
 from hfedmoe.strategies import method_for
@@ -57,10 +59,12 @@ def preflight(config: RunConfig, corpus, adapter) -> list[int]:
 
 def resume_point(config: RunConfig) -> ckpt.Checkpoint | None:
     """The checkpoint a run continues from (``checkpoint.resume``), or None for a new run,
-    whose earlier checkpoints in the same directory are then deleted."""
+    whose earlier checkpoints (and simulated clients' personal states) in the same directory
+    are then deleted."""
     root = Path(config.out) / ckpt.CHECKPOINT_DIR
     if not config.checkpoint.resume:
         shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(Path(config.out) / CLIENT_STATE_DIR, ignore_errors=True)
         return None
     latest = ckpt.load_latest(root)
     if latest is None:
@@ -86,6 +90,8 @@ def run_server(grid: Grid, config: RunConfig) -> dict:
     initial = records.to_array_record(resumed.global_state if resumed else read_state(params))
     recorder = RunRecorder(Path(config.out), config, resumed.records if resumed else ())
     earlier_seconds = resumed.elapsed_seconds if resumed else 0.0
+    # names this run and its resumptions for the clients' personal state on disk
+    lineage = (resumed.strategy_state.get("lineage") if resumed else None) or uuid.uuid4().hex
     if resumed:
         ckpt.restore_rng_states(resumed.rng)
     with ProgressDisplay() as display:
@@ -93,7 +99,7 @@ def run_server(grid: Grid, config: RunConfig) -> dict:
         book = RoundBook(recorder, display)
         book.resume_after(earlier_seconds)
         strategy = PlannedStrategy(config, method_for(config), adapter.geometry, book,
-                                   client_sizes=client_sizes)
+                                   client_sizes=client_sizes, lineage=lineage)
 
         def evaluate_global(server_round: int, arrays) -> MetricRecord:
             write_state(params, records.from_array_record(arrays))
@@ -114,7 +120,8 @@ def run_server(grid: Grid, config: RunConfig) -> dict:
                     ckpt.Checkpoint(server_round, records.from_array_record(arrays),
                                     recorder.records,
                                     earlier_seconds + time.perf_counter() - started,
-                                    config.to_flat(), rng=ckpt.rng_states()),
+                                    config.to_flat(), {"lineage": lineage},
+                                    rng=ckpt.rng_states()),
                     keep=config.checkpoint.keep)
 
         run_rounds(strategy, ProgressGrid(grid, on_reply), initial,

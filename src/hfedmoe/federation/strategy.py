@@ -63,8 +63,10 @@ UNREACHABLE_KINDS = frozenset({"message-unavailable", "node-unavailable", "crash
 
 class PlannedStrategy(Strategy):
     def __init__(self, config: RunConfig, method: Method, geometry: MoEGeometry,
-                 book: RoundBook, client_sizes: Sequence[int] | None = None) -> None:
+                 book: RoundBook, client_sizes: Sequence[int] | None = None,
+                 lineage: str = "") -> None:
         self._config, self._method, self._geometry, self._book = config, method, geometry, book
+        self._lineage = lineage  # sent to clients: their personal state on disk (resume)
         self._client_sizes = client_sizes  # training examples per client id (reply bound)
         self._flat_config = config.to_flat()
         self._global: ArrayRecord | None = None
@@ -102,7 +104,7 @@ class PlannedStrategy(Strategy):
                         ) -> RecordDict:
         """The train instruction of one node: the extension point for per-client plans (each
         node gets its own message; ``self.client_of`` maps nodes seen before to client ids)."""
-        return records.train_instruction(server_round, self._flat_config, arrays)
+        return records.train_instruction(server_round, self._flat_config, arrays, self._lineage)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -174,7 +176,8 @@ class PlannedStrategy(Strategy):
         (evaluate_fn)."""
         if self._config.data.client_test_fraction <= 0:
             return []
-        content = records.evaluate_instruction(server_round, self._flat_config, arrays)
+        content = records.evaluate_instruction(server_round, self._flat_config, arrays,
+                                               self._lineage)
         return [Message(content, node_id, MessageType.EVALUATE, group_id=str(server_round))
                 for node_id in sorted(set(grid.get_node_ids()) - self._unreachable)]
 

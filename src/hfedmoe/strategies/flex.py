@@ -30,8 +30,8 @@ What is not reproduced, and why:
   (trained locally, never uploaded) rather than shared non-expert parameters.
 - The personal experts are chosen once, from the first round's probe, and persist. A client
   not sampled yet has none: its personalised evaluation is the global model's.
-- The personal state lives in the node's Flower ``Context`` for one run: a run resumed from a
-  checkpoint (a new Flower run) starts the personal experts over.
+- The personal state lives in the node's Flower ``Context`` for one run, and on the client's
+  own disk (hfedmoe.personal_store), from which a run resumed from a checkpoint continues it.
 - ``selector()`` (no probe, no stored state) applies :func:`personal_experts` to each batch's
   own routing counts; a federated round always plans with the probe / the stored state.
 """
