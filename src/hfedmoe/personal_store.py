@@ -14,8 +14,10 @@ picks up an earlier run's state. A client whose context is empty (the first roun
 run) continues from the newest round at or before the one it needs: round r - 1 for training in
 round r, round r for the personalised evaluation after round r - so the resumed run equals the
 uninterrupted one even when the server had finished a later round than its last checkpoint.
-Files are written to a temporary name and renamed (an interrupted write leaves no torn file);
-the ``KEEP`` newest rounds are kept.
+Files are written to a temporary name and renamed (an interrupted write leaves no torn file).
+The ``checkpoint.every`` + 1 newest rounds are kept (:func:`rounds_to_keep`): the server's
+newest checkpoint is at most ``checkpoint.every`` rounds behind the last round a client
+trained, so the state that checkpoint needs is never pruned.
 """
 
 from __future__ import annotations
@@ -29,18 +31,23 @@ from typing import Mapping
 import torch
 
 CLIENT_STATE_DIR = "client-state"  # under <out> unless the node config names a state-dir
-KEEP = 2  # newest rounds kept per client: the server's last checkpoint is at most one behind
 _NAME = re.compile(r"^round-(\d{6})\.pt$")
+
+
+def rounds_to_keep(checkpoint_every: int) -> int:
+    """Stored rounds a client keeps: checkpoint.every + 1, at least 2 (0 = no checkpoints)."""
+    return max(2, checkpoint_every + 1)
 
 
 @dataclass(frozen=True)
 class PersonalStore:
     directory: Path  # <state-dir>/<lineage>/client-<partition>
+    keep: int = 2  # newest rounds kept (rounds_to_keep)
 
     @classmethod
-    def for_client(cls, state_dir: str | Path, lineage: str, partition_id: int
+    def for_client(cls, state_dir: str | Path, lineage: str, partition_id: int, keep: int = 2
                    ) -> "PersonalStore":
-        return cls(Path(state_dir) / lineage / f"client-{partition_id}")
+        return cls(Path(state_dir) / lineage / f"client-{partition_id}", keep)
 
     def rounds(self) -> list[int]:
         """The rounds stored, oldest first."""
@@ -50,13 +57,13 @@ class PersonalStore:
                       if (m := _NAME.match(name)))
 
     def save(self, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
-        """Store the personal state after ``server_round``; drop all but the KEEP newest."""
+        """Store the personal state after ``server_round``; drop all but the ``keep`` newest."""
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"round-{server_round:06d}.pt"
         partial = path.with_name(path.name + ".partial")
         torch.save({key: tensor.detach().cpu() for key, tensor in state.items()}, partial)
         os.replace(partial, path)
-        for old in self.rounds()[:-KEEP]:
+        for old in self.rounds()[:-self.keep]:
             (self.directory / f"round-{old:06d}.pt").unlink(missing_ok=True)
 
     def load(self, up_to_round: int) -> dict[str, torch.Tensor]:

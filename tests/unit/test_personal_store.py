@@ -7,7 +7,7 @@ from hfedmoe.config import parse_run_config
 from hfedmoe.federation import records
 from hfedmoe.federation.client_app import personal_state as client_personal_state
 from hfedmoe.federation.client_app import personal_store
-from hfedmoe.personal_store import CLIENT_STATE_DIR, KEEP, PersonalStore
+from hfedmoe.personal_store import CLIENT_STATE_DIR, PersonalStore, rounds_to_keep
 
 
 def test_load_gives_the_newest_round_at_or_before(tmp_path):
@@ -27,7 +27,14 @@ def test_only_the_newest_rounds_are_kept_and_clients_are_apart(tmp_path):
     store = PersonalStore.for_client(tmp_path, "abc", 0)
     for server_round in range(1, 6):
         store.save(server_round, {"w": torch.tensor([float(server_round)])})
-    assert store.rounds() == list(range(6 - KEEP, 6))
+    assert store.rounds() == [4, 5]
+    # checkpoints every 3 rounds: after round 5, the newest checkpoint may be round 2's, whose
+    # resumption needs the state of round 2 - kept with rounds_to_keep(3) = 4 rounds
+    assert rounds_to_keep(0) == 2 and rounds_to_keep(1) == 2 and rounds_to_keep(3) == 4
+    sparse = PersonalStore.for_client(tmp_path, "sparse", 0, keep=rounds_to_keep(3))
+    for server_round in range(1, 6):
+        sparse.save(server_round, {"w": torch.tensor([float(server_round)])})
+    assert sparse.rounds() == [2, 3, 4, 5] and float(sparse.load(2)["w"]) == 2.0
     other = PersonalStore.for_client(tmp_path, "abc", 1)
     assert other.load(5) == {}
     assert PersonalStore.for_client(tmp_path, "new-run", 0).load(5) == {}
@@ -39,9 +46,10 @@ def _context(node_config):
 
 
 def test_the_client_keeps_its_state_where_its_node_config_says(tmp_path):
-    config = parse_run_config({"out": str(tmp_path / "run")})
+    config = parse_run_config({"out": str(tmp_path / "run"), "checkpoint.every": 3})
     default = personal_store(_context({"partition-id": 2}), config, 2, "abc")
     assert default.directory == tmp_path / "run" / CLIENT_STATE_DIR / "abc" / "client-2"
+    assert default.keep == 4
     own = personal_store(_context({"partition-id": 2, "state-dir": str(tmp_path / "node")}),
                          config, 2, "abc")
     assert own.directory == tmp_path / "node" / "abc" / "client-2"

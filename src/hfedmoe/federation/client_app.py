@@ -12,7 +12,7 @@ from hfedmoe import faults
 from hfedmoe.client import ClientResources, evaluate_client, run_client_round
 from hfedmoe.config import RunConfig, parse_run_config
 from hfedmoe.federation import records
-from hfedmoe.personal_store import CLIENT_STATE_DIR, PersonalStore
+from hfedmoe.personal_store import CLIENT_STATE_DIR, PersonalStore, rounds_to_keep
 
 
 def node_partition(context: Context, config: RunConfig) -> int:
@@ -33,7 +33,8 @@ def personal_store(context: Context, config: RunConfig, partition_id: int, linea
     if not lineage:
         return None
     state_dir = context.node_config.get("state-dir") or Path(config.out) / CLIENT_STATE_DIR
-    return PersonalStore.for_client(str(state_dir), lineage, partition_id)
+    return PersonalStore.for_client(str(state_dir), lineage, partition_id,
+                                    rounds_to_keep(config.checkpoint.every))
 
 
 def personal_state(context: Context, store: PersonalStore | None, up_to_round: int
