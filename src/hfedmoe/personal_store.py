@@ -49,6 +49,9 @@ class PersonalStore:
                    ) -> "PersonalStore":
         return cls(Path(state_dir) / lineage / f"client-{partition_id}", keep)
 
+    def _file(self, server_round: int) -> Path:
+        return self.directory / f"round-{server_round:06d}.pt"
+
     def rounds(self) -> list[int]:
         """The rounds stored, oldest first."""
         if not self.directory.is_dir():
@@ -59,16 +62,16 @@ class PersonalStore:
     def save(self, server_round: int, state: Mapping[str, torch.Tensor]) -> None:
         """Store the personal state after ``server_round``; drop all but the ``keep`` newest."""
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"round-{server_round:06d}.pt"
+        path = self._file(server_round)
         partial = path.with_name(path.name + ".partial")
         torch.save({key: tensor.detach().cpu() for key, tensor in state.items()}, partial)
         os.replace(partial, path)
         for old in self.rounds()[:-self.keep]:
-            (self.directory / f"round-{old:06d}.pt").unlink(missing_ok=True)
+            self._file(old).unlink(missing_ok=True)
 
     def load(self, up_to_round: int) -> dict[str, torch.Tensor]:
         """The newest stored state of a round <= ``up_to_round`` (empty if none)."""
         stored = [r for r in self.rounds() if r <= up_to_round]
         if not stored:
             return {}
-        return torch.load(self.directory / f"round-{stored[-1]:06d}.pt", weights_only=True)
+        return torch.load(self._file(stored[-1]), weights_only=True)

@@ -33,7 +33,7 @@ def personal_store(context: Context, config: RunConfig, partition_id: int, linea
     if not lineage:
         return None
     state_dir = context.node_config.get("state-dir") or Path(config.out) / CLIENT_STATE_DIR
-    return PersonalStore.for_client(str(state_dir), lineage, partition_id,
+    return PersonalStore.for_client(state_dir, lineage, partition_id,
                                     rounds_to_keep(config.checkpoint.every))
 
 
