@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -119,6 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prepare_environment(args.verbose)  # before transformers is imported: it reads the env once
     from hfedmoe.data import DataError
     from hfedmoe.model import ModelNotFoundError, UnsupportedModelError
+    from hfedmoe.report import nothing_learned_reason
 
     try:
         config = resolve_config(args)
@@ -130,6 +132,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, DataError, UnsupportedModelError, ModelNotFoundError) as exc:
         print(f"hfedmoe: error: {exc}", file=sys.stderr)
         return 2
+    reason = nothing_learned_reason(summary)
+    if reason:
+        print(f"hfedmoe: error: {reason} in {config.out}", file=sys.stderr)
+        return 1
     print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
           f"after {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s; "
           f"outputs in {config.out}")
@@ -158,11 +164,19 @@ def _compare(config, args: argparse.Namespace) -> int:
                           f"choose from {', '.join(METHODS)}")
     if args.seeds < 1:
         raise ConfigError(f"--seeds {args.seeds}: expected an integer >= 1")
+    if not math.isfinite(args.target):
+        raise ConfigError(f"--target {args.target}: expected a finite accuracy")
     seeds = [config.seed + i for i in range(args.seeds)]
     result = compare(config, methods, seeds, Path(config.out), args.target,
                      lambda c: run_experiment(c, verbose=args.verbose))
     print(comparison_table(result), end="")
     print(f"outputs in {config.out}")
+    idle = [f"{name} (seed {seed})" for name, m in result["methods"].items()
+            for seed, rounds in zip(result["seeds"], m["trained_rounds"]["values"]) if rounds == 0]
+    if idle:
+        print(f"hfedmoe: error: no round aggregated a trained update in {', '.join(idle)}; "
+              "see their metrics.jsonl", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -25,7 +25,7 @@ import torch
 
 from hfedmoe.config import RunConfig
 from hfedmoe.costs import client_budget
-from hfedmoe.data import client_split, load_corpus, tokenize
+from hfedmoe.data import client_split, load_tokenizable_corpus, tokenize
 from hfedmoe.data.tokenize import TokenizedSet
 from hfedmoe.model import load_adapter, load_tokenizer
 from hfedmoe.model.adapter import MoEAdapter
@@ -74,9 +74,9 @@ def build_model(config: RunConfig, num_labels: int) -> MoEAdapter:
 
 def client_datasets(config: RunConfig, partition_id: int) -> ClientData:
     """This client's tokenized training and test splits (hfedmoe.data.client_split)."""
-    corpus = load_corpus(config.data)
-    train_set, test_set = client_split(corpus, config.data, config.seed, partition_id)
     tokenizer = load_tokenizer(config.model)
+    corpus = load_tokenizable_corpus(config.data, tokenizer)
+    train_set, test_set = client_split(corpus, config.data, config.seed, partition_id)
     length = config.model.max_length
     return ClientData(tokenize(train_set, tokenizer, length),
                       tokenize(test_set, tokenizer, length) if len(test_set) else None,

@@ -17,11 +17,15 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from hfedmoe.config import RunConfig, load_config_file, parse_run_config
+from hfedmoe.data import load_tokenizable_corpus
+from hfedmoe.fingerprint import first_difference, input_fingerprints
+from hfedmoe.model import load_tokenizer
 from hfedmoe.plots import plot_comparison
+from hfedmoe.report import CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE
 
 SCALAR_FIELDS = ("final_accuracy", "final_personal_accuracy", "best_accuracy",
                  "rounds_to_target", "seconds_to_target", "bytes_up", "bytes_down",
-                 "wall_seconds")
+                 "wall_seconds", "trained_rounds")
 
 
 def rounds_to_target(summary: Mapping[str, Any], target: float) -> int | None:
@@ -93,15 +97,24 @@ def comparison_table(comparison: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def finished_run(config: RunConfig) -> dict[str, Any] | None:
+def current_inputs(config: RunConfig) -> dict[str, str]:
+    """The input fingerprints a run of ``config`` would record (hfedmoe.fingerprint)."""
+    corpus = load_tokenizable_corpus(config.data, load_tokenizer(config.model))
+    return input_fingerprints(corpus, config.model)
+
+
+def finished_run(config: RunConfig, inputs: Mapping[str, str]) -> dict[str, Any] | None:
     """The summary of the finished run of ``config`` in ``config.out``, if there is one whose
-    recorded configuration (config.toml) equals ``config``; None otherwise."""
+    recorded configuration (config.toml) equals ``config`` and whose recorded input
+    fingerprints (inputs.json) equal ``inputs``; None otherwise."""
     directory = Path(config.out)
-    summary, recorded = directory / "summary.json", directory / "config.toml"
+    summary, recorded = directory / SUMMARY_FILE, directory / CONFIG_FILE
     if not (summary.is_file() and recorded.is_file()):
         return None
     try:
-        same = parse_run_config(load_config_file(recorded)) == config
+        same = (parse_run_config(load_config_file(recorded)) == config
+                and first_difference(json.loads((directory / INPUTS_FILE).read_text()),
+                                     inputs) is None)
         return json.loads(summary.read_text()) if same else None
     except (ValueError, OSError):  # a damaged or older run: run it again
         return None
@@ -112,14 +125,16 @@ def compare(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], out
     """Run every (method, seed) with ``run`` and write the comparison files into ``out``.
 
     A (method, seed) whose directory already holds a finished run (summary.json) of exactly
-    the same configuration is read back instead of run again, so an interrupted comparison
-    resumes at its first unfinished run.
+    the same configuration and the same inputs (data and model content, hfedmoe.fingerprint)
+    is read back instead of run again, so an interrupted comparison resumes at its first
+    unfinished run; any other run there is moved aside and run again (hfedmoe.run_dir).
     """
+    inputs = current_inputs(config)
     out.mkdir(parents=True, exist_ok=True)
     flat = config.to_flat()
     results: dict[str, Any] = {}
     for method in methods:
-        summaries = [finished_run(c) or run(c) for c in (
+        summaries = [finished_run(c, inputs) or run(c) for c in (
             parse_run_config(flat, {"method": method, "seed": seed,
                                     "out": str(out / method / f"seed-{seed}")})
             for seed in seeds)]

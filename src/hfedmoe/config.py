@@ -105,6 +105,15 @@ def merge_flat(defaults: Mapping[str, Scalar], *layers: Mapping[str, Scalar]) ->
 
 
 def _coerce(key: str, value: Scalar, default: Scalar) -> Scalar:
+    """``value`` as the type of ``default``; every float must be finite (inf and nan are
+    TOML literals, but no key of the run configuration means anything with them)."""
+    value = _coerce_type(key, value, default)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{key}' = {value!r} is invalid: expected a finite number")
+    return value
+
+
+def _coerce_type(key: str, value: Scalar, default: Scalar) -> Scalar:
     expected = type(default)
     if isinstance(value, expected) and not (expected is int and isinstance(value, bool)):
         return value
@@ -149,6 +158,7 @@ class DataConfig:
     hf_name: str
     text_field: str
     label_field: str
+    encoding: str  # file source: a Python codec name (a byte-order mark takes precedence)
     test_fraction: float
     num_clients: int
     partition: str
@@ -163,6 +173,8 @@ class DataConfig:
             _require(bool(self.path), "data.path", self.path, "a .jsonl or .csv file when data.source = 'file'")
         if self.source == "hf":
             _require(bool(self.hf_name), "data.hf-name", self.hf_name, "a dataset name when data.source = 'hf'")
+        _require(self._is_text_codec(self.encoding), "data.encoding", self.encoding,
+                 "a Python text codec name such as 'utf-8', 'cp1252', 'latin-1' or 'utf-16'")
         _require(0 < self.test_fraction < 1, "data.test-fraction", self.test_fraction, "a number in (0, 1)")
         _require(self.num_clients >= 1, "data.num-clients", self.num_clients, "an integer >= 1")
         _choice("data.partition", self.partition, PARTITIONERS)
@@ -175,6 +187,24 @@ class DataConfig:
                  "an integer >= 0 (0 = all examples)")
         _require(0 <= self.client_test_fraction < 1, "data.client-test-fraction",
                  self.client_test_fraction, "a number in [0, 1) (0 = no per-client test split)")
+
+    @staticmethod
+    def _is_text_codec(name: str) -> bool:
+        """Whether ``codecs.lookup`` knows ``name`` and it decodes bytes to text (not e.g.
+        'base64' or 'rot13')."""
+        import codecs
+
+        try:
+            codecs.lookup(name)
+        except (LookupError, ValueError):  # ValueError: a NUL in the name
+            return False
+        try:
+            b"\x00\x00".decode(name)  # empty input would skip the text-encoding check
+        except LookupError:
+            return False
+        except UnicodeError:
+            pass  # a text codec that rejects these bytes
+        return True
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 A run directory holds::
 
     config.toml     the resolved RunConfig; `hfedmoe run --config <dir>/config.toml` repeats it
+    inputs.json     fingerprints of the data and the model (hfedmoe.fingerprint)
     metrics.jsonl   one round record per line, appended (flush + fsync) as rounds complete
     summary.json    :func:`build_summary` of all records, written by :meth:`RunRecorder.finish`
     accuracy.png    test accuracy per round
@@ -56,6 +57,7 @@ SUMMARY_FILE = "summary.json"
 ACCURACY_PLOT = "accuracy.png"
 LOSS_PLOT = "loss.png"
 EXPERTS_PLOT = "experts.png"
+INPUTS_FILE = "inputs.json"  # hfedmoe.fingerprint.input_fingerprints of the run
 
 RECORD_KEYS = ("round", "accuracy", "loss", "train_loss", "bytes_up", "bytes_down",
                "round_seconds", "elapsed_seconds", "clients", "failures")
@@ -75,13 +77,16 @@ class RunRecorder:
     """
 
     def __init__(self, out_dir: Path, config: RunConfig,
-                 records: Sequence[Mapping[str, Any]] = ()) -> None:
+                 records: Sequence[Mapping[str, Any]] = (),
+                 inputs: Mapping[str, str] | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.config = config
         self._records: list[dict[str, Any]] = [dict(r) for r in records]
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / SUMMARY_FILE).unlink(missing_ok=True)  # a summary marks a finished run
         _write_atomic(self.out_dir / CONFIG_FILE, config_to_toml(config))
+        if inputs is not None:  # hfedmoe.fingerprint: what reuse and resume are keyed on
+            _write_atomic(self.out_dir / INPUTS_FILE, json.dumps(dict(inputs), indent=2) + "\n")
         _write_atomic(self.out_dir / METRICS_FILE, "".join(
             json.dumps(r, default=_json_default) + "\n" for r in self._records))
 
@@ -158,10 +163,11 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
                   wall_seconds: float) -> dict[str, Any]:
     """Summarise a run's round records (pure; records in any order, rounds distinct).
 
-    ``rounds`` counts records with round >= 1. ``*_by_round`` lists are indexed by round
-    number from 0 to the last round; a round without a record is ``None``. ``final_*`` come
-    from the last round (``final_personal_accuracy``: its personalised accuracy, None if not
-    evaluated); ``best_accuracy`` is the maximum over all evaluated rounds
+    ``rounds`` counts records with round >= 1, ``trained_rounds`` those that :func:`learned`,
+    ``idle_replies`` the replies of clients that sat a round out. ``*_by_round`` lists are
+    indexed by round number from 0 to the last round; a round without a record is ``None``.
+    ``final_*`` come from the last round (``final_personal_accuracy``: its personalised
+    accuracy, None if not evaluated); ``best_accuracy`` is the maximum over all evaluated rounds
     (round 0 included), ``best_round`` the earliest round reaching it. Byte totals sum all
     records. Per client (sorted by id): ``budget_experts`` and ``num_examples`` as reported
     in its latest round, maxima of active experts and peak memory, the number of records
@@ -179,6 +185,9 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
     return {
         "method": method,
         "rounds": sum(1 for r in by_round if r >= 1),
+        "trained_rounds": sum(1 for r, rec in by_round.items() if r >= 1 and learned(rec)),
+        "idle_replies": sum(1 for rec in by_round.values() for client in rec["clients"]
+                            if client.get("local_steps", 1) == 0),
         "final_accuracy": by_round[last]["accuracy"],
         "final_loss": by_round[last]["loss"],
         "best_accuracy": accuracies[best_round] if best_round is not None else None,
@@ -197,6 +206,27 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
                      for r, rec in sorted(by_round.items()) for f in rec["failures"]],
         "clients": summarise_clients(by_round),
     }
+
+
+def learned(record: Mapping[str, Any]) -> bool:
+    """Whether a round changed the model from training: it aggregated (``aggregated`` is not
+    False) at least one reply of a client that took a local step (``local_steps`` > 0)."""
+    return record.get("aggregated", True) is not False and any(
+        client.get("local_steps", 1) > 0 for client in record["clients"])
+
+
+def nothing_learned_reason(summary: Mapping[str, Any]) -> str | None:
+    """One line saying why a run changed nothing (no round in ``trained_rounds``), or None."""
+    if summary.get("trained_rounds", 1) > 0:
+        return None
+    kinds: dict[str, int] = {}
+    for failure in summary["failures"]:
+        kind = failure["reason"].split(":")[0]
+        kinds[kind] = kinds.get(kind, 0) + 1
+    lost = ", ".join(f"{n} x {kind}" for kind, n in sorted(kinds.items())) or "none"
+    return (f"no round of {summary['rounds']} aggregated an update of a client that trained, so "
+            f"the model never changed ({summary.get('idle_replies', 0)} replies of clients that "
+            f"sat the round out; replies lost: {lost}); see metrics.jsonl")
 
 
 def summarise_clients(by_round: Mapping[int, Mapping[str, Any]]) -> list[dict[str, Any]]:

@@ -12,8 +12,12 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
 
 from hfedmoe.config import RunConfig
+
+if TYPE_CHECKING:
+    from hfedmoe.preflight import PreparedRun
 
 OFFLINE_ENV = {
     "HF_HUB_OFFLINE": "1",
@@ -40,15 +44,30 @@ def prepare_environment(verbose: bool = False) -> None:
     update_console_handler(level=logging.INFO if verbose else logging.WARNING)
 
 
-def run_experiment(config: RunConfig, verbose: bool = False) -> dict:
-    """Run ``config`` to completion on its runtime; returns the summary (also in summary.json)."""
+def run_experiment(config: RunConfig, verbose: bool = False,
+                   report: Callable[[str], None] = print) -> dict:
+    """Run ``config`` to completion on its runtime; returns the summary (also in summary.json).
+
+    Every check that can fail before round 1 (hfedmoe.preflight) runs first, in this process,
+    before the output directory is touched or a runtime starts; an earlier run in
+    ``config.out`` is then moved aside (hfedmoe.run_dir) and ``report`` says where to."""
     prepare_environment(verbose)
+    from hfedmoe.federation.server_app import resume_point, start_run_dir
+    from hfedmoe.preflight import prepare_run
+
+    prepared = prepare_run(config)
+    resume_point(config, prepared.inputs)
+    aside = start_run_dir(config)
+    if aside is not None:
+        report(f"hfedmoe: moved the earlier run in {config.out} to {aside}")
+    for note in prepared.corpus.notes:
+        report(f"hfedmoe: data: {note}")
     if config.simulation.runtime == "inprocess":
-        return _run_inprocess(config)
-    return _run_ray(config)
+        return _run_inprocess(config, prepared)
+    return _run_ray(config, prepared)
 
 
-def _run_inprocess(config: RunConfig) -> dict:
+def _run_inprocess(config: RunConfig, prepared: PreparedRun) -> dict:
     import torch
 
     from hfedmoe.federation.client_app import app as client_app
@@ -56,20 +75,20 @@ def _run_inprocess(config: RunConfig) -> dict:
     from hfedmoe.federation.server_app import run_server
 
     torch.set_num_threads(config.simulation.client_cpus)
-    return run_server(InProcessGrid(client_app, config.data.num_clients), config)
+    return run_server(InProcessGrid(client_app, config.data.num_clients), config, prepared)
 
 
-def _run_ray(config: RunConfig) -> dict:
+def _run_ray(config: RunConfig, prepared: PreparedRun) -> dict:
     # Ray workers inherit this process's environment (prepare_environment ran above).
     from flwr.simulation import run_simulation
 
     from hfedmoe.federation.client_app import app as client_app
     from hfedmoe.federation.server_app import make_server_app
 
-    summary_file = Path(config.out) / "summary.json"
+    summary_file = Path(config.out) / "summary.json"  # a resumed run's is stale
     summary_file.unlink(missing_ok=True)
     run_simulation(
-        server_app=make_server_app(config.to_flat()),
+        server_app=make_server_app(config.to_flat(), prepared),
         client_app=client_app,
         num_supernodes=config.data.num_clients,
         backend_config={

@@ -68,16 +68,20 @@ def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def sample_probabilities(trace: RoutingTrace, attention_mask: torch.Tensor) -> torch.Tensor:
     """G_e(x_i) per sample: mean of its non-padding tokens' router probabilities.
 
-    Returns (L, B, S), detached (method.md, decision on text samples).
+    Returns (L, B', S), detached (method.md, decision on text samples), over the B' <= B
+    samples with at least one real token: an all-padding row has no routing distribution, and
+    counting it as zeros would dilute importance (Eq. 3) and make usage rows (Eq. 16) sum to
+    less than 1, which validation rejects as a forgery.
     """
     mask = attention_mask.to(torch.float32)  # (B, T)
     batch, seq = mask.shape
+    real = attention_mask.bool().any(dim=1)  # (B,)
     per_layer = []
     for probs in trace.probabilities:
         probs = probs.detach().reshape(batch, seq, -1)  # (B, T, S)
-        summed = torch.einsum("bts,bt->bs", probs, mask)
-        per_layer.append(summed / mask.sum(dim=1, keepdim=True).clamp_min(1.0))
-    return torch.stack(per_layer)  # (L, B, S)
+        summed = torch.einsum("bts,bt->bs", probs, mask)[real]  # (B', S)
+        per_layer.append(summed / mask[real].sum(dim=1, keepdim=True))
+    return torch.stack(per_layer)  # (L, B', S)
 
 
 def load_balancing_loss(trace: RoutingTrace, attention_mask: torch.Tensor, num_experts: int
@@ -156,8 +160,9 @@ def train_locally(
         step_seconds.append(time.perf_counter() - start)
         trained |= active_now
         max_active = max(max_active, int(active_now.sum()))
-        usage_sum += sample_probabilities(trace, batch["attention_mask"]).sum(dim=1).cpu()
-        samples += int(batch["labels"].shape[0])
+        sample_probs = sample_probabilities(trace, batch["attention_mask"])  # (L, B', S)
+        usage_sum += sample_probs.sum(dim=1).cpu()
+        samples += sample_probs.shape[1]
         losses.append(float(task_loss.detach()))
     model.eval()
     params = list(model.parameters())

@@ -28,7 +28,14 @@ BAD_INPUTS = [
     (["--set", "data.partition=shards"], "'data.partition' = 'shards'"),
     (["--set", "data.num-clients=5000"], "5000 clients"),
     (["--set", "data.partition=pathological", "--set", "data.classes-per-client=9"],
-     "classes per client = 9"),
+     "data.classes-per-client = 9"),
+    (["--set", "data.min-partition-size=600"], "data.min-partition-size = 600 for "
+                                               "data.num-clients = 3 needs 1800 training"),
+    (["--set", "data.partition=pathological", "--set", "data.classes-per-client=1",
+      "--set", "data.num-clients=2"], "leaves classes 'politics', 'sports', 'tech' on no client"),
+    (["--set", "data.partition=pathological", "--set", "data.classes-per-client=5",
+      "--set", "data.num-clients=400", "--set", "data.max-examples=500"],
+     "class 'business' would be split over more clients"),
     (["--set", "data.source=file"], "'data.path'"),
     (["--set", "data.source=file", "--set", "data.path=/nonexistent/data.jsonl"], "data.jsonl"),
     (["--set", "data.source=file", "--set", f"data.path={FIXTURES / 'tiny.jsonl'}",
@@ -51,6 +58,24 @@ BAD_INPUTS = [
     (["--set", "hfedmoe.tau=2"], "'hfedmoe.tau' = 2.0"),
     (["--set", "hfedmoe.expert-step=all"], "'hfedmoe.expert-step' = 'all'"),
     (["--config", "missing.toml"], "does not exist"),
+    # non-finite numbers are refused for every float key
+    (["--set", "train.lr=inf"], "'train.lr' = inf is invalid: expected a finite number"),
+    (["--set", "train.lr=nan"], "'train.lr' = nan"),
+    (["--set", "hfedmoe.tau=nan"], "'hfedmoe.tau' = nan"),
+    (["--set", "data.test-fraction=-inf"], "'data.test-fraction' = -inf"),
+    (["--set", "train.weight-decay=1e999"], "'train.weight-decay' = inf"),
+    # model limits, checked before anything runs
+    (["--set", "model.max-length=1024"], "'model.max-length' = 1024 is invalid: expected an "
+                                         "integer <= 512"),
+    # a method that cannot train anyone under the budgets
+    (["--set", "method=fedavg-drop", "--set", "budget.experts=50%"],
+     "method 'fedavg-drop' lets no client train"),
+    # data files in the wild
+    (["--set", "data.source=file", "--set", f"data.path={FIXTURES / 'cp1252.csv'}"],
+     "cp1252.csv':3: byte 0xE9 is not valid utf-8"),
+    (["--set", "data.source=file", "--set", f"data.path={FIXTURES / 'null_label.jsonl'}"],
+     "null_label.jsonl':4: field 'label' is null"),
+    (["--set", "data.encoding=klingon"], "'data.encoding' = 'klingon'"),
     (["--set", "train.lr"], "key=value"),
 ]
 
@@ -58,6 +83,7 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("args, fragment", BAD_INPUTS, ids=[" ".join(a) for a, _ in BAD_INPUTS])
 def test_bad_input_is_refused_with_one_line(tmp_path, monkeypatch, capsys, args, fragment):
     monkeypatch.chdir(ROOT)
+    earlier = _finished_run(tmp_path / "out")
     status = main(["run", "--config", "conf/tiny.toml", *args, "--out", str(tmp_path / "out")])
     out, err = capsys.readouterr()
     assert status == 2, out[-2000:] + err[-2000:]
@@ -65,3 +91,18 @@ def test_bad_input_is_refused_with_one_line(tmp_path, monkeypatch, capsys, args,
     assert len(lines) == 1 and lines[0].startswith("hfedmoe: error:"), err[-2000:]
     assert fragment in lines[0]
     assert "round 1/" not in out  # refused before any training
+    assert _files(tmp_path / "out") == earlier  # and before anything on disk was touched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def _finished_run(out: Path) -> dict[str, bytes]:
+    """Stand-in files of an earlier finished run in ``out``; returns their contents."""
+    for name, text in (("config.toml", "seed = 3\n"), ("metrics.jsonl", '{"round": 0}\n'),
+                       ("summary.json", "{}\n"), ("checkpoints/round-000001/COMMIT", "")):
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text(text)
+    return _files(out)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}

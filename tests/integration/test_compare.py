@@ -70,3 +70,38 @@ def test_an_interrupted_compare_reuses_finished_runs_of_the_same_config(tmp_path
     changed = parse_run_config(config.to_flat(), {"train.lr": 0.01})
     compare(changed, ["hfedmoe"], [0], tmp_path, 0.2, counting)
     assert ran[3:] == [("hfedmoe", 0)]  # another configuration is never reused
+
+
+def test_a_finished_run_is_not_reused_after_its_data_changed(tmp_path):
+    """Keyed on the content of the inputs, not on the configuration text: the same data.path
+    with other rows is another run (the earlier one is moved aside, not lost)."""
+    from hfedmoe.runner import run_experiment
+
+    data = tmp_path / "data.csv"
+
+    def write(rows):
+        data.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows),
+                        encoding="utf-8")
+
+    write([(f"good news number {i} about shares and profit", "business") if i % 2 else
+           (f"the team won match number {i} with a late goal", "sport") for i in range(40)])
+    config = parse_run_config(load_config_file(ROOT / "conf/tiny.toml"), {
+        "num-server-rounds": 1, "train.local-steps": 1, "data.source": "file",
+        "data.path": str(data), "data.num-clients": 2, "data.min-partition-size": 1})
+    ran: list[str] = []
+
+    def counting(c):
+        ran.append(c.method)
+        return run_experiment(c)
+
+    compare(config, ["fedavg"], [0], tmp_path / "cmp", 0.2, counting)
+    compare(config, ["fedavg"], [0], tmp_path / "cmp", 0.2, counting)
+    assert ran == ["fedavg"]  # same data: reused
+    write([(f"stock market item {i} on banks", "business") if i % 3 else
+           (f"player {i} scored in the cup final", "sport") for i in range(40)])
+    compare(config, ["fedavg"], [0], tmp_path / "cmp", 0.2, counting)
+    assert ran == ["fedavg", "fedavg"]  # changed data: run again
+    run_dir = tmp_path / "cmp" / "fedavg" / "seed-0"
+    before = json.loads((run_dir.with_name("seed-0.1") / "inputs.json").read_text())
+    after = json.loads((run_dir / "inputs.json").read_text())
+    assert before["data"] != after["data"] and before["model"] == after["model"]

@@ -5,7 +5,8 @@ ClientApp replied before the kill point, measured from round 1, came: see the te
 
 The run must finish every round; the kill round records the dead client as a failure (Flower
 reports it as NODE_UNAVAILABLE once its heartbeats are missing, ~60 s: Flower's SuperNode
-heartbeat interval is fixed at 30 s, patience 2) and aggregates the two healthy replies; the
+heartbeat interval is fixed at 30 s, patience 2), within the round timeout of the kill, and
+aggregates the two healthy replies; the
 next round samples the two remaining nodes after at most `federation.sampling-deadline`.
 """
 
@@ -26,7 +27,12 @@ from hfedmoe.processes import _descendants, start, stop, wait_for_port
 from test_deploy import BIN, HFEDMOE, ROOT, _free_ports, _hfedmoe, _processes_mentioning
 
 ROUNDS, NODES, VICTIM = 4, 3, 2
-SAMPLING_DEADLINE, ROUND_TIMEOUT = 10, 90
+# Flower declares a dead SuperNode unavailable after ~60 s (heartbeat interval 30 s x patience
+# 2): measured 60-73 s after the kill, the latter with two CPU-bound processes beside the test
+# on 2 cores. The round timeout leaves that verdict 2.5x its nominal time, so a loaded machine
+# still sees the node-unavailable verdict, and replies_in < ROUND_TIMEOUT stays the check that
+# no wait is unbounded.
+SAMPLING_DEADLINE, ROUND_TIMEOUT = 10, 150
 LOCAL_STEPS = 150  # 5-15 s of local training per round on one shared core
 ROUND_HEADER = re.compile(r"\[RUN \d+, ROUND (\d+)\]")
 
@@ -199,8 +205,10 @@ def test_a_supernode_killed_while_training_costs_only_its_own_reply(tmp_path):
         kill_tree(nodes[VICTIM])
         nodes[VICTIM].wait(timeout=10)
         wait_until(lambda: command_line(client_app) == "", 10, "its ClientApp dying")
+        # a bound on the test only (the assertion below is the check): aggregation and
+        # evaluation after the replies can take long on a loaded machine
         detected = wait_until(lambda: len(round_records(out)) >= kill_round + 2,
-                              ROUND_TIMEOUT + 30, f"round {kill_round} ending")
+                              ROUND_TIMEOUT + 300, f"round {kill_round} ending")
 
         assert run.wait(timeout=ROUNDS * (ROUND_TIMEOUT + SAMPLING_DEADLINE) + 60) == 0, \
             (logs / "flwr-run.log").read_text()[-3000:]
@@ -220,9 +228,17 @@ def test_a_supernode_killed_while_training_costs_only_its_own_reply(tmp_path):
     assert len(second["failures"]) == 1, second["failures"]
     failure = second["failures"][0]
     assert failure["client_id"] == VICTIM
-    # Flower's verdict once the heartbeats are missing (60 s < the 90 s round timeout)
+    # Flower's verdict once the heartbeats are missing (~60 s < the round timeout)
     assert failure["kind"] == "node-unavailable", failure
-    assert detected - killed < ROUND_TIMEOUT
+    # no unbounded wait: the round's replies were all in (the dead node's as Flower's error)
+    # within the round timeout of the kill. Measured as the record's arrival after the kill
+    # less what the server did after its replies were in (aggregation, evaluation: seconds
+    # idle, tens on a loaded machine), which the record states; the record's file is polled
+    # every 0.3 s, so its arrival is late by at most that.
+    after_replies = second["round_seconds"] - second["replies_seconds"]
+    assert 0 <= after_replies < second["round_seconds"]
+    replies_in = detected - killed - after_replies
+    assert replies_in < ROUND_TIMEOUT, (detected - killed, after_replies)
     # the next round: the two remaining nodes, sampled after at most the sampling deadline
     assert [c["client_id"] for c in third["clients"]] == [0, 1]
     assert third["failures"] == []
@@ -231,7 +247,8 @@ def test_a_supernode_killed_while_training_costs_only_its_own_reply(tmp_path):
     assert sampling <= SAMPLING_DEADLINE + 5
     print(f"\nmeasured: failure {failure}; killed in round {kill_round}, which took "
           f"{second['round_seconds']:.1f} s and ended "
-          f"{detected - killed:.1f} s after the kill ({killed - submitted:.1f} s after the "
+          f"{detected - killed:.1f} s after the kill (replies in {replies_in:.1f} s after it, "
+          f"{after_replies:.1f} s of server work after them; {killed - submitted:.1f} s after the "
           f"submission; run done {finished - killed:.1f} s after the kill); round before "
           f"{first['round_seconds']:.1f} s (victim ClientApp: {setup_and_training:.1f} s CPU, "
           f"training {training:.1f} s; killed at {target:.1f} s CPU); round after "

@@ -49,3 +49,18 @@ def test_load_balancing_loss_is_one_when_perfectly_uniform():
     index = torch.arange(8).remainder(experts).unsqueeze(1)
     trace = RoutingTrace([probs], [index])
     assert abs(float(load_balancing_loss(trace, torch.ones(2, 4), experts)) - 1.0) < 1e-6
+
+
+def test_all_padding_rows_have_no_routing_distribution():
+    """A row of padding only (a text that tokenizes to nothing) is left out: every sample's
+    G_e(x_i) sums to 1 over experts, so usage rows (Eq. 16) sum to 1 as validation expects."""
+    batch, seq, experts = 3, 4, 4
+    trace = _trace(batch, seq, experts, 2)
+    mask = torch.tensor([[1, 1, 0, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    got = sample_probabilities(trace, mask)  # (L, B', S)
+    assert got.shape == (2, 2, experts)
+    torch.testing.assert_close(got.sum(dim=-1), torch.ones(2, 2), atol=1e-6, rtol=0)
+    for layer, probs in enumerate(trace.probabilities):
+        probs = probs.reshape(batch, seq, experts)
+        torch.testing.assert_close(got[layer, 0], probs[0, :2].mean(0))
+        torch.testing.assert_close(got[layer, 1], probs[2].mean(0))

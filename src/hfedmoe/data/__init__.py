@@ -12,7 +12,14 @@ from hfedmoe.data.partition import (
     partition_indices,
     pathological_partition,
 )
-from hfedmoe.data.tokenize import TokenizedSet, batches, eval_batches, tokenize
+from hfedmoe.data.tokenize import (
+    TokenizedSet,
+    batches,
+    drop_untokenizable,
+    eval_batches,
+    load_tokenizable_corpus,
+    tokenize,
+)
 
 __all__ = [
     "Corpus",
@@ -28,7 +35,9 @@ __all__ = [
     "eval_batches",
     "iid_partition",
     "label_histogram",
+    "drop_untokenizable",
     "load_corpus",
+    "load_tokenizable_corpus",
     "partition_indices",
     "pathological_partition",
     "tokenize",

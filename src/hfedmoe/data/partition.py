@@ -9,6 +9,7 @@ client process recomputes the same partitions and keeps its own.
 from __future__ import annotations
 
 import random
+import re
 import warnings
 from collections import Counter
 from typing import Callable, Sequence
@@ -28,14 +29,16 @@ _LABEL = "label"
 _INDEX = "index"
 
 
-def partition_indices(labels: Sequence[int], cfg: DataConfig, seed: int) -> list[list[int]]:
-    """Indices of each client's examples, by ``cfg.partition`` (iid | dirichlet | pathological)."""
+def partition_indices(labels: Sequence[int], cfg: DataConfig, seed: int,
+                      label_names: Sequence[str] | None = None) -> list[list[int]]:
+    """Indices of each client's examples, by ``cfg.partition`` (iid | dirichlet | pathological).
+    ``label_names``: the names of the label ids, for error messages (ids when None)."""
     partitioners: dict[str, Callable[[], list[list[int]]]] = {
         "iid": lambda: iid_partition(labels, cfg.num_clients, seed),
         "dirichlet": lambda: dirichlet_partition(labels, cfg.num_clients, cfg.dirichlet_alpha,
                                                  cfg.min_partition_size, seed),
         "pathological": lambda: pathological_partition(labels, cfg.num_clients,
-                                                       cfg.classes_per_client, seed),
+                                                       cfg.classes_per_client, seed, label_names),
     }
     if cfg.partition not in partitioners:
         raise DataError(f"unknown partition {cfg.partition!r}; expected one of {sorted(partitioners)}")
@@ -58,7 +61,7 @@ def client_split(corpus: Corpus, cfg: DataConfig, seed: int, partition_id: int
     if not 0 <= partition_id < cfg.num_clients:
         raise DataError(f"partition id {partition_id} is out of range for "
                         f"data.num-clients = {cfg.num_clients}")
-    part = partition_indices(corpus.train.labels, cfg, seed)[partition_id]
+    part = partition_indices(corpus.train.labels, cfg, seed, corpus.label_names)[partition_id]
     train, test = split_partition(part, cfg.client_test_fraction, seed, partition_id)
     return corpus.train.subset(train), corpus.train.subset(test)
 
@@ -84,12 +87,12 @@ def split_partition(indices: Sequence[int], fraction: float, seed: int, partitio
     return train, test
 
 
-def client_split_sizes(labels: Sequence[int], cfg: DataConfig, seed: int
-                       ) -> list[tuple[int, int]]:
+def client_split_sizes(labels: Sequence[int], cfg: DataConfig, seed: int,
+                       label_names: Sequence[str] | None = None) -> list[tuple[int, int]]:
     """(train, test) example counts of every client, without building any dataset (cheap:
     e.g. to bound the ``num-examples`` a client may claim in a reply)."""
     return [(len(part) - (test := client_test_size(len(part), cfg.client_test_fraction)), test)
-            for part in partition_indices(labels, cfg, seed)]
+            for part in partition_indices(labels, cfg, seed, label_names)]
 
 
 def label_histogram(dataset: TextDataset) -> list[int]:
@@ -112,45 +115,64 @@ def dirichlet_partition(labels: Sequence[int], num_clients: int, alpha: float,
     if not alpha > 0:
         raise DataError(f"Dirichlet alpha = {alpha!r} is invalid: expected a number > 0")
     _check_counts(labels, num_clients)
+    if num_clients * min_partition_size > len(labels):
+        raise DataError(f"data.min-partition-size = {min_partition_size} for data.num-clients = "
+                        f"{num_clients} needs {num_clients * min_partition_size} training "
+                        f"examples but there are {len(labels)}; lower data.min-partition-size "
+                        f"to at most {len(labels) // num_clients} or lower data.num-clients")
     partitioner = DirichletPartitioner(num_partitions=num_clients, partition_by=_LABEL,
                                        alpha=float(alpha), min_partition_size=min_partition_size,
                                        self_balancing=False, shuffle=True, seed=seed)
     try:
-        return _run(partitioner, _table(labels), num_clients)
+        return _run(partitioner, _table(labels), num_clients,
+                    "lower data.num-clients or raise data.min-partition-size")
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise
         raise DataError(f"no Dirichlet(alpha={alpha}) draw gave all {num_clients} clients >= "
                         f"{min_partition_size} examples in 11 tries; raise data.dirichlet-alpha "
-                        "or lower data.min-partition-size or data.num-clients") from exc
+                        "(less skew), lower data.min-partition-size or data.num-clients, or try "
+                        "another seed") from exc
 
 
 def pathological_partition(labels: Sequence[int], num_clients: int, classes_per_client: int,
-                           seed: int) -> list[list[int]]:
+                           seed: int, label_names: Sequence[str] | None = None
+                           ) -> list[list[int]]:
     """Each client holds exactly ``classes_per_client`` classes; client k's first class is
     ``k mod C``, the rest are drawn with ``seed`` ("first-deterministic", Li et al. 2022).
 
-    Raises if some class ends up on no client (possible when clients < classes).
+    Raises DataError (naming classes by ``label_names``, and hfedmoe keys) if a class would be
+    split over more clients than it has examples, or ends up on no client (possible when
+    clients < classes).
     """
     _check_counts(labels, num_clients)
     classes = sorted(set(labels))
+    name = (lambda y: repr(label_names[y])) if label_names else repr
+    setting = (f"data.partition = 'pathological' with data.num-clients = {num_clients} and "
+               f"data.classes-per-client = {classes_per_client}")
     if not 1 <= classes_per_client <= len(classes):
-        raise DataError(f"classes per client = {classes_per_client} is invalid: the training "
-                        f"data has {len(classes)} classes")
+        raise DataError(f"data.classes-per-client = {classes_per_client} is invalid: the "
+                        f"training data has {len(classes)} classes")
     partitioner = PathologicalPartitioner(
         num_partitions=num_clients, partition_by=_LABEL, num_classes_per_partition=classes_per_client,
         class_assignment_mode="first-deterministic", shuffle=True, seed=seed)
     try:
-        parts = _run(partitioner, _table(labels), num_clients)
+        parts = _run(partitioner, _table(labels), num_clients,
+                     "lower data.num-clients or raise data.classes-per-client")
     except ValueError as exc:
         if isinstance(exc, DataError):
             raise
-        raise DataError(f"pathological partition impossible: {' '.join(str(exc).split())}") from exc
+        found = re.search(r"Label: (\d+)", str(exc))
+        which = f"class {name(int(found.group(1)))}" if found else "a class"
+        raise DataError(f"{setting}: {which} would be split over more clients than it has "
+                        "training examples; lower data.num-clients or data.classes-per-client"
+                        ) from exc
     covered = {labels[i] for part in parts for i in part}
     if len(covered) < len(classes):
-        missing = sorted(set(classes) - covered)
-        raise DataError(f"pathological partition leaves classes {missing} on no client; use "
-                        "data.num-clients >= the number of classes or more classes per client")
+        missing = ", ".join(name(y) for y in sorted(set(classes) - covered))
+        raise DataError(f"{setting} leaves classes {missing} on no client; raise "
+                        f"data.num-clients to >= {len(classes)} (then every class is some "
+                        f"client's first class) or data.classes-per-client")
     return parts
 
 
@@ -168,7 +190,8 @@ def _table(labels: Sequence[int]) -> datasets.Dataset:
                                        _INDEX: list(range(len(labels)))})
 
 
-def _run(partitioner: Partitioner, table: datasets.Dataset, num_clients: int) -> list[list[int]]:
+def _run(partitioner: Partitioner, table: datasets.Dataset, num_clients: int,
+         remedy: str = "lower data.num-clients") -> list[list[int]]:
     partitioner.dataset = table
     with warnings.catch_warnings():  # redraw / unused-class warnings: we raise instead
         warnings.simplefilter("ignore", UserWarning)
@@ -176,5 +199,5 @@ def _run(partitioner: Partitioner, table: datasets.Dataset, num_clients: int) ->
     empty = [k for k, part in enumerate(parts) if not part]
     if empty:
         raise DataError(f"client {empty[0]} got an empty partition ({len(empty)} empty of "
-                        f"{num_clients}); lower data.num-clients or raise data.min-partition-size")
+                        f"{num_clients}); {remedy}")
     return parts

@@ -12,7 +12,8 @@ from typing import Any, Iterator
 
 import torch
 
-from hfedmoe.data.corpora import DataError, TextDataset
+from hfedmoe.config import DataConfig
+from hfedmoe.data.corpora import Corpus, DataError, TextDataset, load_corpus
 
 Batch = dict[str, torch.Tensor]  # input_ids (B, T), attention_mask (B, T), labels (B,); int64
 
@@ -38,6 +39,32 @@ class TokenizedSet:
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
+
+
+def load_tokenizable_corpus(cfg: DataConfig, tokenizer: Any) -> Corpus:
+    """:func:`load_corpus`, then :func:`drop_untokenizable`: the corpus every process of a run
+    (server and clients) partitions, so that all see the same examples."""
+    return drop_untokenizable(load_corpus(cfg), tokenizer)
+
+
+def drop_untokenizable(corpus: Corpus, tokenizer: Any) -> Corpus:
+    """``corpus`` without the texts that ``tokenizer`` maps to no token of their own (special
+    tokens such as [CLS] not counted; e.g. a text of control characters for a byte-level
+    tokenizer). Such a row would reach the model as padding only. Each drop is reported in
+    ``Corpus.notes``; raises DataError if a split would be left empty."""
+    splits, notes = [], list(corpus.notes)
+    for name, split in (("train", corpus.train), ("test", corpus.test)):
+        encoded = tokenizer(list(split.texts), add_special_tokens=False,
+                            verbose=False)["input_ids"]  # no "longer than the maximum" warning
+        keep = [i for i, ids in enumerate(encoded) if len(ids) > 0]
+        if not keep:
+            raise DataError(f"the tokenizer maps every text of the {name} split to no token")
+        if len(keep) < len(split):
+            notes.append(f"dropped {len(split) - len(keep)} {name} text(s) that the tokenizer "
+                         "maps to no token")
+            split = split.subset(keep)
+        splits.append(split)
+    return Corpus(splits[0], splits[1], corpus.label_names, notes=tuple(notes))
 
 
 def tokenize(dataset: TextDataset, tokenizer: Any, max_length: int) -> TokenizedSet:

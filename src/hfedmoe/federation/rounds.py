@@ -134,6 +134,9 @@ class RoundBook:
             **{k: v for k, v in diagnostics.items() if k != "clients"},
             "failures": failures,
             "aggregated": aggregated,
+            # seconds from the round's start (first attempt) until its training replies were
+            # in or timed out; round_seconds - replies_seconds is what the server did after
+            "replies_seconds": time.perf_counter() - self._round_start,
         })
 
     def clients_evaluated(self, server_round: int, results: Sequence[ClientAccuracy],

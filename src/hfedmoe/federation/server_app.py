@@ -7,7 +7,7 @@ that pass none (Flower's ``run_simulation``). Both call :func:`run_server`.
 
 from __future__ import annotations
 
-import shutil
+import logging
 import time
 import uuid
 from pathlib import Path
@@ -17,22 +17,22 @@ from flwr.app import Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from hfedmoe import checkpoint as ckpt
-from hfedmoe.client import build_model
 from hfedmoe.config import ConfigError, RunConfig, parse_run_config
-from hfedmoe.costs import client_budget
-from hfedmoe.data import client_split_sizes, load_corpus, tokenize
 from hfedmoe.federation import records
 from hfedmoe.federation.grids import ProgressGrid
 from hfedmoe.federation.loop import RoundPolicy, run_rounds
 from hfedmoe.federation.rounds import RoundBook
 from hfedmoe.federation.strategy import PlannedStrategy
-from hfedmoe.model import load_tokenizer
+from hfedmoe.fingerprint import first_difference
 from hfedmoe.model.state import read_state, set_trainable, write_state
-from hfedmoe.personal_store import CLIENT_STATE_DIR
+from hfedmoe.preflight import PreparedRun, prepare_run
 from hfedmoe.progress import ProgressDisplay
-from hfedmoe.report import RunRecorder
+from hfedmoe.report import RunRecorder, nothing_learned_reason
+from hfedmoe.run_dir import set_aside_earlier_run
 from hfedmoe.strategies import method_for
 from hfedmoe.training import evaluate
+
+log = logging.getLogger(__name__)
 
 def _reply_info(reply: Message) -> tuple[int, dict]:
     if reply.has_error():
@@ -42,30 +42,14 @@ def _reply_info(reply: Message) -> tuple[int, dict]:
     return int(info.get("client-id", -1)), info
 
 
-def preflight(config: RunConfig, corpus, adapter) -> list[int]:
-    """Fail before round 1, not in every client every round: the partitions must exist and
-    every configured client budget must resolve (node-config budgets are checked by clients).
-    Returns each client's number of training examples (the bound of its ``num-examples``)."""
-    sizes = [train for train, _ in client_split_sizes(corpus.train.labels, config.data,
-                                                      config.seed)]
-    for client_id in range(config.data.num_clients):
-        try:
-            client_budget(adapter, config, client_id)
-        except ValueError as exc:
-            raise ConfigError(f"config key 'budget.experts' = {config.budget.experts!r}: "
-                              f"client {client_id}: {exc}") from None
-    return sizes
+def resume_point(config: RunConfig, inputs: Mapping[str, str]) -> ckpt.Checkpoint | None:
+    """The checkpoint a run continues from (``checkpoint.resume``), or None for a new run.
 
-
-def resume_point(config: RunConfig) -> ckpt.Checkpoint | None:
-    """The checkpoint a run continues from (``checkpoint.resume``), or None for a new run,
-    whose earlier checkpoints (and simulated clients' personal states) in the same directory
-    are then deleted."""
-    root = Path(config.out) / ckpt.CHECKPOINT_DIR
+    Raises ConfigError when there is none, or when it was made with other settings or other
+    inputs (``inputs``: hfedmoe.fingerprint.input_fingerprints of this run). Reads only."""
     if not config.checkpoint.resume:
-        shutil.rmtree(root, ignore_errors=True)
-        shutil.rmtree(Path(config.out) / CLIENT_STATE_DIR, ignore_errors=True)
         return None
+    root = Path(config.out) / ckpt.CHECKPOINT_DIR
     latest = ckpt.load_latest(root)
     if latest is None:
         raise ConfigError(f"config key 'checkpoint.resume' = True: no complete checkpoint in "
@@ -74,21 +58,37 @@ def resume_point(config: RunConfig) -> ckpt.Checkpoint | None:
         ckpt.check_resumable(latest.run_config, config.to_flat())
     except ValueError as exc:
         raise ConfigError(f"cannot resume from '{root}': {exc}") from None
+    changed = first_difference(latest.strategy_state.get("inputs", {}), inputs)
+    if changed:
+        raise ConfigError(f"cannot resume from '{root}': {changed}; start a new run instead")
     return latest
 
 
-def run_server(grid: Grid, config: RunConfig) -> dict:
+def start_run_dir(config: RunConfig) -> Path | None:
+    """For a new run, move an earlier run in ``config.out`` aside (hfedmoe.run_dir); returns
+    where it went. Call only after :func:`hfedmoe.preflight.prepare_run` passed."""
+    if config.checkpoint.resume:
+        return None
+    return set_aside_earlier_run(Path(config.out))
+
+
+def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = None) -> dict:
     """Run ``config.num_server_rounds`` rounds on ``grid`` (from a checkpoint when
-    ``checkpoint.resume``); returns the run summary."""
+    ``checkpoint.resume``); returns the run summary. ``prepared``: :func:`prepare_run` of
+    ``config`` when the caller already ran it (and :func:`start_run_dir`)."""
     started = time.perf_counter()
-    corpus = load_corpus(config.data)
-    test_set = tokenize(corpus.test, load_tokenizer(config.model), config.model.max_length)
-    adapter = build_model(config, num_labels=len(corpus.label_names))
-    client_sizes = preflight(config, corpus, adapter)
+    own_preflight = prepared is None
+    prepared = prepared or prepare_run(config)
+    resumed = resume_point(config, prepared.inputs)
+    if own_preflight and (aside := start_run_dir(config)) is not None:
+        log.warning("moved the earlier run in %s to %s", config.out, aside)
+    adapter, test_set, client_sizes = prepared.adapter, prepared.test_set, prepared.client_sizes
+    for note in prepared.corpus.notes:
+        log.warning("data: %s", note)
     params = set_trainable(adapter, config.model.trainable_non_expert)
-    resumed = resume_point(config)
     initial = records.to_array_record(resumed.global_state if resumed else read_state(params))
-    recorder = RunRecorder(Path(config.out), config, resumed.records if resumed else ())
+    recorder = RunRecorder(Path(config.out), config, resumed.records if resumed else (),
+                           inputs=prepared.inputs)
     earlier_seconds = resumed.elapsed_seconds if resumed else 0.0
     # names this run and its resumptions for the clients' personal state on disk
     lineage = (resumed.strategy_state.get("lineage") if resumed else None) or uuid.uuid4().hex
@@ -120,7 +120,8 @@ def run_server(grid: Grid, config: RunConfig) -> dict:
                     ckpt.Checkpoint(server_round, records.from_array_record(arrays),
                                     recorder.records,
                                     earlier_seconds + time.perf_counter() - started,
-                                    config.to_flat(), {"lineage": lineage},
+                                    config.to_flat(),
+                                    {"lineage": lineage, "inputs": prepared.inputs},
                                     rng=ckpt.rng_states()),
                     keep=config.checkpoint.keep)
 
@@ -132,15 +133,20 @@ def run_server(grid: Grid, config: RunConfig) -> dict:
     return recorder.finish(earlier_seconds + time.perf_counter() - started)
 
 
-def make_server_app(flat_config: Mapping) -> ServerApp:
-    """A ServerApp bound to ``flat_config`` (for runtimes that pass no run_config)."""
+def make_server_app(flat_config: Mapping, prepared: PreparedRun | None = None) -> ServerApp:
+    """A ServerApp bound to ``flat_config`` (for runtimes that pass no run_config), and to
+    ``prepared`` when the caller prepared the run in this process."""
     bound = ServerApp()
 
     @bound.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_server(grid, parse_run_config(flat_config))
+        run_server(grid, parse_run_config(flat_config), prepared)
 
     return bound
+
+
+class NothingLearnedError(RuntimeError):
+    """A run ended without any round aggregating a trained update (one-line message)."""
 
 
 app = ServerApp()
@@ -148,4 +154,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_server(grid, parse_run_config(context.run_config))
+    summary = run_server(grid, parse_run_config(context.run_config))
+    reason = nothing_learned_reason(summary)
+    if reason:  # `flwr run` marks the run failed instead of finished
+        raise NothingLearnedError(reason)

@@ -18,6 +18,7 @@ in eval mode on ``model.device``.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Callable, Iterator
@@ -27,7 +28,7 @@ import transformers
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
-from hfedmoe.config import ModelConfig
+from hfedmoe.config import ConfigError, ModelConfig
 from hfedmoe.model import hf_moe, switch
 from hfedmoe.model.classifier import MoEClassifier
 from hfedmoe.model.generic import ModelAdapter, RoutingFn, UnsupportedModelError
@@ -35,6 +36,10 @@ from hfedmoe.model.sparse_experts import SparseExperts
 
 MINILM_MOE = "minilm-moe"
 TINY_PREFIX = "tiny:"
+PROBE_SENTENCE = "The quick brown fox jumps over the lazy dog. "
+# hfedmoe.runner sets HF_HUB_OFFLINE=1 unless the user set it (README, "Models")
+OFFLINE_HINT = ("; hfedmoe runs offline unless HF_HUB_OFFLINE=0 is set, see the README's "
+                "'Models'")
 
 
 class ModelNotFoundError(ValueError):
@@ -100,21 +105,33 @@ def tiny_backbone(family: str, seed: int, dropout: float = 0.0) -> transformers.
         return spec.base_model(config)
 
 
-def pretrained_backbone(name: str, dropout: float) -> transformers.PreTrainedModel:
-    """The unconverted float32 base model of a local directory or cached Hub id."""
+def pretrained_config(name: str) -> PretrainedConfig:
+    """The config of a local directory or cached Hub id of a supported family; raises
+    ModelNotFoundError or UnsupportedModelError (one line)."""
     try:
         config = AutoConfig.from_pretrained(name)
     except OSError as exc:
         raise ModelNotFoundError(
-            f"model '{name}' is neither a local directory nor available offline: {_first_line(exc)}"
-        ) from exc
+            f"model '{name}' is neither a local directory nor available offline: "
+            f"{_first_line(exc)}{_offline_hint(name)}") from exc
     except ValueError as exc:
         raise UnsupportedModelError(f"model '{name}': {_first_line(exc)}; supported families: "
                                     f"{', '.join(SUPPORTED_FAMILIES)}") from exc
+    family_spec(config.model_type)
+    return config
+
+
+def pretrained_backbone(name: str, dropout: float) -> transformers.PreTrainedModel:
+    """The unconverted float32 base model of a local directory or cached Hub id."""
+    config = pretrained_config(name)
     spec = family_spec(config.model_type)
     _set_dropout(config, spec.dropout_keys, dropout)
     config.use_cache = False
-    return spec.base_model.from_pretrained(name, config=config, dtype=torch.float32)
+    try:
+        return spec.base_model.from_pretrained(name, config=config, dtype=torch.float32)
+    except OSError as exc:  # a config without weights, a truncated or unreadable weight file
+        raise ModelNotFoundError(f"model '{name}': its weights could not be loaded "
+                                 f"({_first_line(exc)}){_offline_hint(name)}") from exc
 
 
 def adapter_from_backbone(backbone: transformers.PreTrainedModel, family: str, num_labels: int,
@@ -152,14 +169,71 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         name = str(minilm_model_dir())
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
-    except OSError as exc:
-        raise ModelNotFoundError(f"tokenizer of '{name}' is neither a local directory nor "
-                                 f"available offline: {_first_line(exc)}") from exc
+    except Exception as exc:  # OSError, ValueError, tokenizers' own errors for missing files
+        raise ModelNotFoundError(f"model '{name}': its tokenizer could not be loaded "
+                                 f"({_first_line(exc)}){_offline_hint(name)}") from exc
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
-            raise ValueError(f"tokenizer of '{name}' has neither a pad nor an eos token")
+            raise ModelNotFoundError(f"model '{name}': its tokenizer has neither a pad nor an "
+                                     "eos token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def check_model_name(model_cfg: ModelConfig) -> None:
+    """Raise UnsupportedModelError or ModelNotFoundError (one line) unless ``model.name`` names
+    a model of a supported family; reads a folder's config only (run it before the tokenizer,
+    so that an unsupported family is named before a missing tokenizer file)."""
+    name = model_cfg.name
+    if name.startswith(TINY_PREFIX):
+        family_spec(name[len(TINY_PREFIX):])
+    elif name != MINILM_MOE:
+        pretrained_config(name)
+
+
+def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
+    """Raise ModelNotFoundError unless ``tokenizer`` turns :data:`PROBE_SENTENCE` into known
+    tokens: at most a quarter may be its unknown token. A model folder saved without its
+    tokenizer files can still yield a tokenizer that maps every word to ``<unk>``, and a run
+    on such input learns nothing from the text."""
+    ids = tokenizer(PROBE_SENTENCE, add_special_tokens=False)["input_ids"]
+    unknown = sum(1 for i in ids if i == tokenizer.unk_token_id)
+    if not ids or unknown * 4 > len(ids):
+        raise ModelNotFoundError(
+            f"model '{name}': its tokenizer maps the test sentence {PROBE_SENTENCE!r} to "
+            f"{unknown} unknown of {len(ids)} tokens; is the folder missing its tokenizer "
+            "files (tokenizer.json, tokenizer_config.json, vocab or spiece.model)?")
+
+
+def check_model_inputs(adapter: ModelAdapter, tokenizer: PreTrainedTokenizerBase,
+                       max_length: int, name: str) -> None:
+    """Raise ConfigError unless inputs of ``max_length`` tokens from ``tokenizer`` fit the
+    model: positions (``max_position_embeddings`` where the family has one), vocabulary (every
+    token id below the embedding's rows), and one forward pass of a full-length batch of two
+    rows without gradients (which catches any other limit). The model's weights and mode are
+    unchanged."""
+    backbone = adapter.model.backbone
+    positions = getattr(backbone.config, "max_position_embeddings", None)
+    if positions is not None and max_length > positions:
+        raise ConfigError(f"config key 'model.max-length' = {max_length} is invalid: expected "
+                          f"an integer <= {positions}, the positions of model '{name}'")
+    rows = backbone.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:
+        raise ModelNotFoundError(f"model '{name}': its tokenizer has {len(tokenizer)} tokens but "
+                                 f"the model's embedding only {rows} rows")
+    encoded = tokenizer([PROBE_SENTENCE * max_length] * 2, padding="max_length", truncation=True,
+                        max_length=max_length, return_tensors="pt", return_token_type_ids=False)
+    device = next(adapter.model.parameters()).device
+    training = adapter.model.training
+    try:
+        with torch.no_grad():
+            adapter.model.eval()
+            adapter.model(encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
+    except (RuntimeError, IndexError, ValueError) as exc:
+        raise ConfigError(f"config key 'model.max-length' = {max_length}: model '{name}' fails "
+                          f"on inputs of that length ({_first_line(exc)})") from exc
+    finally:
+        adapter.model.train(training)
 
 
 @contextmanager
@@ -173,6 +247,11 @@ def seeded(seed: int) -> Iterator[None]:
 def _set_dropout(config: PretrainedConfig, keys: tuple[str, ...], dropout: float) -> None:
     for key in keys:
         setattr(config, key, dropout)
+
+
+def _offline_hint(name: str) -> str:
+    """OFFLINE_HINT for a name that is not a local folder (a Hub id), else ''."""
+    return "" if Path(name).is_dir() else OFFLINE_HINT
 
 
 def _first_line(exc: BaseException) -> str:

@@ -41,7 +41,7 @@ class TraceSelector:
     num_experts: int
 
     def __call__(self, trace: RoutingTrace, attention_mask: torch.Tensor) -> BatchSelection:
-        probs = sample_probabilities(trace, attention_mask)  # (L, B, S)
+        probs = sample_probabilities(trace, attention_mask)  # (L, B', S) real samples
         routed = routed_experts(trace.top_k_index, token_mask(attention_mask), self.num_experts)
         return self.selector(probs, routed)
 

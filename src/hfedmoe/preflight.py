@@ -1,0 +1,74 @@
+"""Everything a run needs, built and checked before anything on disk is touched.
+
+:func:`prepare_run` loads the data, the tokenizer and the model, and checks what can be known
+before round 1 - the model's input limits (positions, vocabulary) against ``model.max-length``
+and the tokenizer, the partitions, every configured client budget, and that the method can
+train at least one client - raising a one-line ConfigError, DataError,
+ModelNotFoundError or UnsupportedModelError. Only then may a run write to its output
+directory (``hfedmoe.run_dir``, ``hfedmoe.federation.server_app``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hfedmoe.client import build_model
+from hfedmoe.config import ConfigError, RunConfig
+from hfedmoe.costs import client_budget
+from hfedmoe.data import Corpus, client_split_sizes, load_tokenizable_corpus, tokenize
+from hfedmoe.data.tokenize import TokenizedSet
+from hfedmoe.fingerprint import input_fingerprints
+from hfedmoe.model import MoEAdapter, load_tokenizer
+from hfedmoe.model.loading import check_model_inputs, check_model_name, check_tokenizer
+from hfedmoe.strategies import method_for
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedRun:
+    """What the server builds once per run (see :func:`prepare_run`)."""
+
+    corpus: Corpus
+    test_set: TokenizedSet  # the global test split, tokenized
+    adapter: MoEAdapter  # the global model, initial weights
+    client_sizes: list[int]  # training examples per client: the bound of its num-examples
+    budgets: list[int]  # C_budget per client from the run config
+    inputs: dict[str, str]  # hfedmoe.fingerprint.input_fingerprints
+
+
+def prepare_run(config: RunConfig) -> PreparedRun:
+    """Load and check everything (module docstring); writes nothing."""
+    check_model_name(config.model)
+    tokenizer = load_tokenizer(config.model)
+    corpus = load_tokenizable_corpus(config.data, tokenizer)
+    adapter = build_model(config, num_labels=len(corpus.label_names))
+    check_tokenizer(tokenizer, config.model.name)
+    check_model_inputs(adapter, tokenizer, config.model.max_length, config.model.name)
+    test_set = tokenize(corpus.test, tokenizer, config.model.max_length)
+    sizes = [train for train, _ in client_split_sizes(corpus.train.labels, config.data,
+                                                      config.seed, corpus.label_names)]
+    budgets = [_budget(config, adapter, client_id) for client_id in range(config.data.num_clients)]
+    check_someone_trains(config, adapter, budgets)
+    return PreparedRun(corpus, test_set, adapter, sizes, budgets,
+                       input_fingerprints(corpus, config.model))
+
+
+def _budget(config: RunConfig, adapter: MoEAdapter, client_id: int) -> int:
+    try:
+        return client_budget(adapter, config, client_id)
+    except ValueError as exc:
+        raise ConfigError(f"config key 'budget.experts' = {config.budget.experts!r}: "
+                          f"client {client_id}: {exc}") from None
+
+
+def check_someone_trains(config: RunConfig, adapter: MoEAdapter, budgets: list[int]) -> None:
+    """Raise ConfigError when the method lets no client train under the configured budgets
+    (e.g. ``fedavg-drop`` with every budget below all experts): such a run cannot learn."""
+    method = method_for(config)
+    if any(method.participates(budget, adapter.geometry) for budget in budgets):
+        return
+    total = adapter.geometry.total_experts
+    raise ConfigError(
+        f"method '{config.method}' lets no client train under budget.experts = "
+        f"{config.budget.experts!r} (client budgets {sorted(set(budgets))} of {total} experts); "
+        f"give some client a larger budget (e.g. budget.experts = '25%,all') or choose "
+        f"another method")
