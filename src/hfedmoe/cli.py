@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="comma-separated budgets (experts over all layers); default 6,12,24,48")
     step.add_argument("--steps", type=int, default=5, help="local steps per measurement")
     step.add_argument("--repeats", type=int, default=3, help="interleaved repeats (median)")
+    step.add_argument("--json", metavar="FILE",
+                      help="also write the rows as JSON: {\"meta\": ..., \"rows\": [{\"budget\": "
+                           "int, \"step_time_ratio\": float, \"peak_memory_ratio\": float, "
+                           "\"backward_flops_ratio\": float, \"ideal_ratio\": float, ...}]}")
     step.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     step.add_argument("--out", metavar="DIR", help=argparse.SUPPRESS)
     add_deploy_parser(commands)
@@ -183,7 +187,7 @@ def _compare(config, args: argparse.Namespace) -> int:
 def _bench_step(config, args: argparse.Namespace) -> int:
     import torch
 
-    from hfedmoe.bench import bench_step, format_rows
+    from hfedmoe.bench import bench_step, format_rows, write_json
 
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
@@ -192,10 +196,17 @@ def _bench_step(config, args: argparse.Namespace) -> int:
     if args.steps < 1 or args.repeats < 1 or min(budgets) < 1:
         raise ConfigError("--steps, --repeats and every budget must be >= 1")
     torch.set_num_threads(config.simulation.client_cpus)
+    meta = {"model": config.model.name, "batch_size": config.train.batch_size,
+            "max_length": config.model.max_length, "steps": args.steps,
+            "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
+            "budget_mode": config.budget.mode}
     print(f"model {config.model.name}, batch {config.train.batch_size} x "
           f"{config.model.max_length} tokens, {args.steps} steps x {args.repeats} repeats, "
-          f"{torch.get_num_threads()} torch threads")
-    print(format_rows(bench_step(config, budgets, args.steps, args.repeats)))
+          f"{torch.get_num_threads()} torch threads, budget.mode {config.budget.mode}")
+    rows = bench_step(config, budgets, args.steps, args.repeats)
+    print(format_rows(rows))
+    if args.json:
+        write_json(rows, Path(args.json), meta)
     return 0
 
 

@@ -93,6 +93,7 @@ def local_settings(config: RunConfig, seed: int, local_steps: int | None = None
         weight_decay=config.train.weight_decay,
         aux_loss_coef=config.model.aux_loss_coef,
         seed=seed,
+        budget_mode=config.budget.mode,
     )
 
 

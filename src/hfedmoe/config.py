@@ -33,6 +33,7 @@ ROBUST_AGGREGATIONS = ("mean", "clip", "trimmed-mean")
 FAILURE_MODES = ("raise", "hang")
 ATTACKS = ("sign-flip", "scale")
 EXPERT_STEPS = ("holders", "data-share")  # hfedmoe.aggregation.aggregate_experts
+BUDGET_MODES = ("one-pass", "recompute")  # hfedmoe.model.sparse_experts
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -231,6 +232,7 @@ class TrainConfig:
 class BudgetConfig:
     experts: str  # budget spec string, parsed by hfedmoe.budget (validated here)
     per_layer: int  # 0 = no per-layer cap
+    mode: str  # "one-pass" or "recompute": how budgeted experts run (hfedmoe.model.sparse_experts)
 
     def __post_init__(self) -> None:
         from hfedmoe.budget import parse_budget_spec
@@ -242,6 +244,7 @@ class BudgetConfig:
                               ) from None
         _require(self.per_layer >= 0, "budget.per-layer", self.per_layer,
                  "an integer >= 0 (0 = no per-layer cap)")
+        _choice("budget.mode", self.mode, BUDGET_MODES)
 
 
 @dataclass(frozen=True)

@@ -115,3 +115,77 @@ def make_ib_selector(lam: float, beta: float, budget: int,
                      per_layer_budget: int | None = None) -> IBSelector:
     """An :class:`IBSelector`; raises ValueError for lambda outside [0, 1], beta < 0, budget < 1."""
     return IBSelector(lam, beta, budget, per_layer_budget)
+
+
+# --- one-pass selection: the active set decided layer by layer during the forward -------------
+
+def top_in_layer(score: torch.Tensor, routed: torch.Tensor, count: int) -> torch.Tensor:
+    """(S,) bool: the ``count`` highest-``score`` experts among ``routed`` (S,) bool of one
+    layer (all routed ones if fewer); ties go to the lower expert index (as in
+    :func:`select_active_experts`, which this equals for a single layer)."""
+    candidates = torch.nonzero(routed.reshape(-1)).reshape(-1)  # (R,) expert order
+    order = torch.sort(score.reshape(-1)[candidates], descending=True, stable=True).indices
+    active = torch.zeros_like(routed.reshape(-1))
+    active[candidates[order][:max(0, int(count))]] = True
+    return active
+
+
+class LayerQuotas:
+    """Per-layer shares of a global budget C for one-pass selection (our decision for Eq. 15,
+    docs/hfedmoe.md "One-pass budgeted experts").
+
+    Eq. 15 picks the top-C experts over ALL layers, which is known only after the last
+    router; a one-pass forward must decide each layer's active experts right after that
+    layer's router. Layer l may take ``quota[l]`` experts plus what earlier layers of the same
+    batch left unused (fewer routed experts than their quota), never more than the per-layer
+    cap, so a batch never exceeds C. The quotas of a batch are the per-layer counts of the
+    previous batch's exact Eq. 15 solution (:meth:`observe`); before any batch, C is split
+    evenly (remainder to the first layers). Mutable: one instance per client round.
+    """
+
+    def __init__(self, budget: int, num_layers: int, per_layer_budget: int | None = None) -> None:
+        _check_budget("budget", budget)
+        _check_budget("per_layer_budget", per_layer_budget)
+        if num_layers < 1:
+            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
+        self.budget, self.per_layer_budget = int(budget), per_layer_budget
+        base, extra = divmod(self.budget, num_layers)
+        self.quota = [base + (1 if layer < extra else 0) for layer in range(num_layers)]
+        self._carry = 0
+        self._taken = 0
+
+    def start_batch(self) -> None:
+        """Forget the carry and the count of the previous batch's forward."""
+        self._carry, self._taken = 0, 0
+
+    def take(self, layer: int, routed: int) -> int:
+        """How many of layer ``layer``'s ``routed`` experts may learn from this batch."""
+        allowed = self.quota[layer] + self._carry
+        if self.per_layer_budget is not None:
+            allowed = min(allowed, self.per_layer_budget)
+        count = max(0, min(allowed, routed, self.budget - self._taken))
+        self._carry = self.quota[layer] + self._carry - count
+        self._taken += count
+        return count
+
+    def observe(self, exact_active: torch.Tensor) -> None:
+        """Set the next batch's quotas from this batch's exact Eq. 15 solution (L, S) bool."""
+        counts = [int(n) for n in exact_active.sum(dim=1)]
+        if len(counts) != len(self.quota):
+            raise ValueError(f"exact_active has {len(counts)} layers, expected {len(self.quota)}")
+        if sum(counts) > 0:
+            spare = self.budget - sum(counts)  # unused budget (fewer routed than C) to layer 0
+            self.quota = [counts[0] + spare, *counts[1:]]
+
+
+def selection_closeness(chosen: torch.Tensor, exact: torch.Tensor, score: torch.Tensor
+                        ) -> tuple[float, float]:
+    """How close a one-pass choice comes to the exact Eq. 15 set, all (L, S): (overlap =
+    |chosen ∩ exact| / |exact|, share = sum of I_b⁺ over chosen / sum of I_b⁺ over exact, with
+    I_b⁺ = max(I_b, 0), so share >= 0); each 1.0 when its denominator is 0."""
+    size = int(exact.sum())
+    overlap = float((chosen & exact).sum()) / size if size else 1.0
+    positive = score.clamp_min(0.0)
+    best = float(positive[exact].sum())
+    share = float(positive[chosen].sum()) / best if best > 0 else 1.0
+    return overlap, share

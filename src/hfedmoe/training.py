@@ -10,9 +10,9 @@ of experts that actually received a gradient in each batch, the step time, and t
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -25,10 +25,27 @@ from hfedmoe.measurement import (
     tensor_bytes,
 )
 from hfedmoe.model.adapter import MoEAdapter, RoutingTrace
-from hfedmoe.selection import BatchSelection
+from hfedmoe.selection import BatchSelection, selection_closeness
 
 # selector(trace, attention_mask (B,T)) -> the batch's active experts and importance (Eq. 15).
 ExpertSelector = Callable[[RoutingTrace, torch.Tensor], BatchSelection]
+
+
+@runtime_checkable
+class OnlineSelector(Protocol):
+    """A selector that can also decide each layer's active experts DURING the forward
+    (``budget.mode = "one-pass"``). A selector without these methods runs on the recompute
+    path whatever the mode."""
+
+    def layer_chooser(self, trace: RoutingTrace, attention_mask: torch.Tensor
+                      ) -> Callable[[int], torch.Tensor]:
+        """For one batch: MoE layer l -> (S,) bool active experts, called right after layer
+        l's router (its output is ``trace``'s entry l)."""
+        ...
+
+    def observe(self, selection: BatchSelection) -> None:
+        """The batch's full selection (``self(trace, mask)``), once its forward is done."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -39,6 +56,7 @@ class LocalTrainingSettings:
     weight_decay: float
     aux_loss_coef: float
     seed: int  # seeds batch order (and dropout) of this client in this round
+    budget_mode: str = "one-pass"  # budget.mode: "one-pass" or "recompute" (sparse_experts)
 
 
 @dataclass(frozen=True)
@@ -52,12 +70,22 @@ class LocalTrainingResult:
     peak_memory_bytes: int  # see hfedmoe.measurement
     mean_step_seconds: float
     local_steps: int = 0  # optimizer steps run (0: the client sat the round out)
+    # one-pass selection against the exact Eq. 15 set, round means (None: not one-pass):
+    selection_overlap: float | None = None  # |chosen ∩ exact| / |exact|
+    selection_share: float | None = None  # sum I_b(chosen) / sum I_b(exact)
 
 
 def skipped_round(num_examples: int, num_layers: int, num_experts: int) -> LocalTrainingResult:
     """The result of a client that does not train this round (e.g. fedavg-drop's weak devices)."""
     zeros = torch.zeros(num_layers, num_experts)
     return LocalTrainingResult(num_examples, 0.0, zeros.bool(), zeros, None, 0, 0, 0.0, 0)
+
+
+def trains_every_routed_expert(selector: ExpertSelector | None) -> bool:
+    """Whether ``selector`` lets every routed expert of every batch learn (None does; a
+    selector says so with a true ``trains_every_routed_expert`` attribute): then the plain
+    autograd path is exact and cheapest."""
+    return selector is None or bool(getattr(selector, "trains_every_routed_expert", False))
 
 
 def token_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -73,15 +101,20 @@ def sample_probabilities(trace: RoutingTrace, attention_mask: torch.Tensor) -> t
     counting it as zeros would dilute importance (Eq. 3) and make usage rows (Eq. 16) sum to
     less than 1, which validation rejects as a forgery.
     """
+    return torch.stack([layer_sample_probabilities(probs, attention_mask)
+                        for probs in trace.probabilities])  # (L, B', S)
+
+
+def layer_sample_probabilities(probs: torch.Tensor, attention_mask: torch.Tensor
+                               ) -> torch.Tensor:
+    """:func:`sample_probabilities` of one layer's router probabilities ``probs`` (B*T, S):
+    (B', S), detached."""
     mask = attention_mask.to(torch.float32)  # (B, T)
     batch, seq = mask.shape
     real = attention_mask.bool().any(dim=1)  # (B,)
-    per_layer = []
-    for probs in trace.probabilities:
-        probs = probs.detach().reshape(batch, seq, -1)  # (B, T, S)
-        summed = torch.einsum("bts,bt->bs", probs, mask)[real]  # (B', S)
-        per_layer.append(summed / mask[real].sum(dim=1, keepdim=True))
-    return torch.stack(per_layer)  # (L, B', S)
+    per_token = probs.detach().reshape(batch, seq, -1)  # (B, T, S)
+    summed = torch.einsum("bts,bt->bs", per_token, mask)[real]  # (B', S)
+    return summed / mask[real].sum(dim=1, keepdim=True)
 
 
 def load_balancing_loss(trace: RoutingTrace, attention_mask: torch.Tensor, num_experts: int
@@ -123,35 +156,62 @@ def train_locally(
     settings: LocalTrainingSettings,
     selector: ExpertSelector | None = None,
 ) -> LocalTrainingResult:
-    """Run ``settings.local_steps`` optimizer steps on ``data``; see the module docstring."""
+    """Run ``settings.local_steps`` optimizer steps on ``data``; see the module docstring.
+
+    How experts learn (docs/hfedmoe.md, "One-pass budgeted experts"): with no ``selector``,
+    or one that :func:`trains_every_routed_expert` (e.g. a budget that covers every expert),
+    plain autograd trains every routed expert (the selector still computes importance);
+    otherwise ``settings.budget_mode`` "one-pass" lets an :class:`OnlineSelector` pick each
+    layer's active experts during the forward, and "recompute" (or a selector that is not
+    online) defers the expert backward to the batch's full selection (``BackwardPlan``).
+    """
     model, geometry = adapter.model, adapter.geometry
+    plain = trains_every_routed_expert(selector)
+    online = (not plain and settings.budget_mode == "one-pass"
+              and isinstance(selector, OnlineSelector))
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)  # dropout
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
-    meter = SavedActivationMeter()
+    meter = SavedActivationMeter(model.parameters())
+    if device.type == "cuda":  # the allocator's peak of this client's training, not the process's
+        torch.cuda.reset_peak_memory_stats(device)
     stream: Iterator[dict[str, torch.Tensor]] = batches(data, settings.batch_size, generator)
     trained = torch.zeros(geometry.num_layers, geometry.num_experts, dtype=torch.bool)
     usage_sum = torch.zeros(geometry.num_layers, geometry.num_experts)
     importance_sum = torch.zeros(geometry.num_layers, geometry.num_experts)
     samples, losses, step_seconds, max_active, peak_grad = 0, [], [], 0, 0
+    closeness: list[tuple[float, float]] = []  # one-pass: (overlap, share) per batch
     model.train()
     for _ in range(settings.local_steps):
         batch = _to_device(next(stream), device)
+        mask = batch["attention_mask"]
         start = time.perf_counter()
-        # Full training (no selector) is plain autograd; a selector defers expert backward.
-        deferral = nullcontext() if selector is None else adapter.deferred_expert_backward()
-        with meter.measure(), adapter.trace_routing() as trace, deferral as plan:
-            logits = model(batch["input_ids"], batch["attention_mask"])  # (B, C)
+        with ExitStack() as stack:
+            stack.enter_context(meter.measure())
+            trace = stack.enter_context(adapter.trace_routing())
+            plan = None
+            if online:
+                plan = stack.enter_context(adapter.budgeted_experts(
+                    selector.layer_chooser(trace, mask)))
+            elif not plain:
+                plan = stack.enter_context(adapter.deferred_expert_backward())
+            logits = model(batch["input_ids"], mask)  # (B, C)
             task_loss = F.cross_entropy(logits, batch["labels"])
             loss = task_loss
             if settings.aux_loss_coef > 0:
-                aux = load_balancing_loss(trace, batch["attention_mask"], geometry.num_experts)
+                aux = load_balancing_loss(trace, mask, geometry.num_experts)
                 loss = loss + settings.aux_loss_coef * aux
             if selector is not None:
-                selection = selector(trace, batch["attention_mask"])
-                plan.active = selection.active
+                selection = selector(trace, mask)
                 importance_sum += selection.importance.cpu()
+                if online:
+                    chosen = plan.active(geometry.num_layers, geometry.num_experts)
+                    closeness.append(selection_closeness(chosen, selection.active.cpu(),
+                                                         selection.score.cpu()))
+                    selector.observe(selection)
+                elif not plain:
+                    plan.active = selection.active
         loss.backward()
         active_now = _experts_with_gradient(adapter)  # measured, not planned
         peak_grad = max(peak_grad, gradient_bytes(trainable))
@@ -179,7 +239,13 @@ def train_locally(
         peak_memory_bytes=int(memory),
         mean_step_seconds=sum(step_seconds) / len(step_seconds),
         local_steps=settings.local_steps,
+        selection_overlap=_mean([c[0] for c in closeness]),
+        selection_share=_mean([c[1] for c in closeness]),
     )
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 @torch.no_grad()

@@ -214,39 +214,82 @@ def test_expert_change_affects_output_only_if_routed(family):
         assert torch.equal(after, before) is not changes, (expert, changes)
 
 
+def loop_forward(bank, active):
+    """An independent reference for a bank: one call per routed expert on its tokens, outputs
+    of experts not in ``active`` (S,) bool detached (the pre-grouping implementation)."""
+    def forward(hidden_states, top_k_index, top_k_weights):
+        output = torch.zeros_like(hidden_states)
+        for expert_index in range(bank.num_experts):
+            token_idx, slot = torch.where(top_k_index == expert_index)
+            if len(token_idx) == 0:
+                continue
+            with torch.set_grad_enabled(bool(active[expert_index]) and torch.is_grad_enabled()):
+                out = bank.experts[expert_index](hidden_states[token_idx])
+            output.index_add_(0, token_idx, out * top_k_weights[token_idx, slot, None])
+        return output
+    return forward
+
+
+@pytest.mark.parametrize("mode", ["one-pass", "recompute"])
 @pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
-def test_deferred_backward_equals_autograd_with_inactive_outputs_detached(family):
+def test_budgeted_backward_equals_autograd_with_inactive_outputs_detached(family, mode):
     _, adapter = build(family)
     twin = copy.deepcopy(adapter)
     input_ids, attention_mask = batch()
     labels = torch.tensor([0, 1, 2])
-    with adapter.trace_routing() as trace, adapter.deferred_expert_backward() as plan:
+    g = adapter.geometry
+    active = torch.zeros(g.num_layers, g.num_experts, dtype=torch.bool)
+
+    def one_routed_expert(layer):  # the first token's first routed expert learns
+        active[layer, int(trace.top_k_index[layer][0, 0])] = True
+        return active[layer]
+
+    plans = {"one-pass": lambda: adapter.budgeted_experts(one_routed_expert),
+             "recompute": adapter.deferred_expert_backward}
+    with adapter.trace_routing() as trace, plans[mode]() as plan:
         assert all(bank.plan is plan for bank in adapter.banks)
         loss = torch.nn.functional.cross_entropy(adapter.model(input_ids, attention_mask), labels)
-        active = torch.zeros(adapter.geometry.num_layers, adapter.geometry.num_experts, dtype=torch.bool)
-        for layer, index in enumerate(trace.top_k_index):  # one routed expert per layer
-            active[layer, int(index[0, 0])] = True
-        plan.active = active
+        if mode == "recompute":
+            for layer in range(g.num_layers):
+                one_routed_expert(layer)
+            plan.active = active
+        else:
+            assert torch.equal(plan.active(g.num_layers, g.num_experts), active)
     assert all(bank.plan is None for bank in adapter.banks)
     loss.backward()
-    # reference: plain autograd on the twin, inactive experts' outputs detached by hooks
-    hooks = [expert.register_forward_hook(lambda _m, _i, out: out.detach())
-             for layer, bank in enumerate(twin.banks) for e, expert in enumerate(bank.experts)
-             if not active[layer, e]]
+    for layer, bank in enumerate(twin.banks):
+        bank.forward = loop_forward(bank, active[layer])
     torch.nn.functional.cross_entropy(twin.model(input_ids, attention_mask), labels).backward()
-    for hook in hooks:
-        hook.remove()
     got, want = dict(adapter.model.named_parameters()), dict(twin.model.named_parameters())
     for name, param in got.items():
         if want[name].grad is None:
             assert param.grad is None, name
         else:
             torch.testing.assert_close(param.grad, want[name].grad, atol=1e-6, rtol=1e-5, msg=name)
-    for layer in range(adapter.geometry.num_layers):
-        for expert in range(adapter.geometry.num_experts):
+    for layer in range(g.num_layers):
+        for expert in range(g.num_experts):
             has_grad = any(p.grad is not None for p in adapter.expert_parameters(layer, expert).values())
             assert has_grad == bool(active[layer, expert])
         assert all(p.grad is not None for p in adapter.router_parameters(layer).values())
+
+
+@pytest.mark.parametrize("family", SUPPORTED_FAMILIES)
+def test_grouped_experts_equal_one_call_per_expert(family):
+    """Plain autograd (no plan): outputs and every gradient as the per-expert loop's."""
+    _, adapter = build(family)
+    twin = copy.deepcopy(adapter)
+    for bank in twin.banks:
+        bank.forward = loop_forward(bank, torch.ones(bank.num_experts, dtype=torch.bool))
+    input_ids, attention_mask = batch()
+    outputs = [m.model(input_ids, attention_mask) for m in (adapter, twin)]
+    torch.testing.assert_close(outputs[0], outputs[1], atol=1e-6, rtol=1e-5)
+    for out in outputs:
+        out.square().sum().backward()
+    want = dict(twin.model.named_parameters())
+    for name, param in adapter.model.named_parameters():
+        assert (param.grad is None) == (want[name].grad is None), name
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, want[name].grad, atol=1e-5, rtol=1e-4, msg=name)
 
 
 def test_unsupported_family_names_the_supported_ones(tmp_path):

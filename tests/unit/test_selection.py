@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import torch
 
-from hfedmoe.selection import IBSelector, make_ib_selector, select_active_experts
+from hfedmoe.selection import (
+    IBSelector,
+    LayerQuotas,
+    make_ib_selector,
+    select_active_experts,
+    selection_closeness,
+    top_in_layer,
+)
 
 
 def _brute_force(score, routed, budget, per_layer):
@@ -166,3 +173,61 @@ def test_selector_is_frozen_and_needs_only_probs_and_routed():
     probs = torch.softmax(torch.randn(2, 3, 4), dim=-1)
     out = selector(probs, torch.ones(2, 4, dtype=torch.bool))
     assert int(out.active.sum()) == 2 and (out.active.sum(dim=1) <= 1).all()
+
+
+# --- one-pass selection: per-layer quotas ------------------------------------------------------
+
+def _one_pass(quotas, score, routed):
+    """What the banks do in one forward: layer by layer, top ``quotas.take`` of each layer."""
+    quotas.start_batch()
+    return torch.stack([top_in_layer(score[l], routed[l], quotas.take(l, int(routed[l].sum())))
+                        for l in range(score.shape[0])])
+
+
+def test_one_layer_one_pass_equals_exact_eq15():
+    g = torch.Generator().manual_seed(1)
+    for _ in range(50):
+        score = torch.randn(1, 8, generator=g)
+        routed = torch.rand(1, 8, generator=g) < 0.7
+        budget = int(torch.randint(1, 9, (1,), generator=g))
+        got = _one_pass(LayerQuotas(budget, 1), score, routed)
+        assert torch.equal(got, select_active_experts(score, routed, budget))
+
+
+def test_quotas_split_evenly_carry_unused_share_and_never_exceed_the_caps():
+    quotas = LayerQuotas(7, 3)
+    assert quotas.quota == [3, 2, 2]
+    quotas.start_batch()
+    assert [quotas.take(0, 1), quotas.take(1, 8), quotas.take(2, 8)] == [1, 4, 2]  # 2 carried
+    capped = LayerQuotas(7, 3, per_layer_budget=3)
+    capped.start_batch()
+    assert [capped.take(0, 0), capped.take(1, 8), capped.take(2, 8)] == [0, 3, 3]
+    g = torch.Generator().manual_seed(2)
+    for _ in range(200):  # random routing: the budget and the cap hold in every batch
+        layers, budget = 4, int(torch.randint(1, 20, (1,), generator=g))
+        cap = int(torch.randint(1, 6, (1,), generator=g))
+        quotas = LayerQuotas(budget, layers, cap)
+        for _ in range(3):
+            score = torch.randn(layers, 8, generator=g)
+            routed = torch.rand(layers, 8, generator=g) < 0.5
+            chosen = _one_pass(quotas, score, routed)
+            assert int(chosen.sum()) <= budget and int(chosen.sum(dim=1).max()) <= cap
+            assert not bool((chosen & ~routed).any())
+            quotas.observe(select_active_experts(score, routed, budget, cap))
+
+
+def test_quotas_follow_the_previous_exact_solution():
+    """With the same batch twice, the second one-pass choice is the exact Eq. 15 set."""
+    g = torch.Generator().manual_seed(3)
+    score, routed = torch.randn(3, 8, generator=g), torch.ones(3, 8, dtype=torch.bool)
+    score[0] += 5.0  # layer 0 holds the best experts: Eq. 15 takes all 6 there
+    quotas = LayerQuotas(6, 3)
+    first = _one_pass(quotas, score, routed)
+    exact = select_active_experts(score, routed, 6)
+    assert first.sum(dim=1).tolist() == [2, 2, 2] and exact.sum(dim=1).tolist() == [6, 0, 0]
+    overlap, share = selection_closeness(first, exact, score)
+    assert overlap == 2 / 6 and 0 < share < 1
+    quotas.observe(exact)
+    second = _one_pass(quotas, score, routed)
+    assert torch.equal(second, exact)
+    assert selection_closeness(second, exact, score) == (1.0, 1.0)

@@ -54,6 +54,8 @@ EVALUATE_METRIC_KEYS = ("client-id", "num-examples", "accuracy", "loss")
 REPLY_METRIC_KEYS = ("num-examples", "client-id", "train-loss", "budget-experts",
                      "max-active-experts-per-batch", "peak-memory-bytes", "mean-step-seconds",
                      "local-steps")
+# sent when the client selected experts in one pass (budget.mode = "one-pass"); diagnostics
+OPTIONAL_REPLY_METRIC_KEYS = ("selection-overlap", "selection-share")
 
 
 def to_array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -108,6 +110,9 @@ def train_reply(client_id: int, budget_experts: int, upload: Mapping[str, torch.
         "peak-memory-bytes": result.peak_memory_bytes,
         "mean-step-seconds": result.mean_step_seconds,
         "local-steps": result.local_steps,
+        **({"selection-overlap": result.selection_overlap,
+            "selection-share": result.selection_share}
+           if result.selection_overlap is not None else {}),
     })
     routing = {"usage": _flat(result.usage),
                "trained": [int(t) for t in result.trained_experts.reshape(-1)]}
@@ -151,7 +156,8 @@ def parse_train_reply(content: RecordDict, usage_shape: tuple[int, int]) -> Clie
         num_examples=_integer(metrics, "num-examples"),
         state=from_array_record(content.array_records[UPDATE]),
         usage=usage,
-        metrics={k: float(metrics[k]) for k in REPLY_METRIC_KEYS},
+        metrics={k: float(metrics[k]) for k in (*REPLY_METRIC_KEYS, *OPTIONAL_REPLY_METRIC_KEYS)
+                 if k in metrics},
         importance=(_matrix(routing, "importance", usage_shape) if "importance" in routing
                     else None),
         trained=trained.bool(),

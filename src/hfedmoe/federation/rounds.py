@@ -47,6 +47,9 @@ def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int,
         "mean_step_seconds": m["mean-step-seconds"],
         "uploaded_tensors": len(update.state),
         "local_steps": int(m["local-steps"]),
+        # one-pass selection vs the exact Eq. 15 set (round means; absent otherwise)
+        **{key.replace("-", "_"): m[key] for key in ("selection-overlap", "selection-share")
+           if key in m},
     }
 
 

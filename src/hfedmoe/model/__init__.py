@@ -4,7 +4,7 @@ Everything else sees a model through :class:`MoEAdapter` (implemented once, for 
 family, by :class:`ModelAdapter`) and builds one with :func:`load_adapter`.
 """
 
-from hfedmoe.model.adapter import BackwardPlan, MoEAdapter, MoEGeometry, RoutingTrace
+from hfedmoe.model.adapter import BackwardPlan, MoEAdapter, MoEGeometry, OnlinePlan, RoutingTrace
 from hfedmoe.model.generic import ModelAdapter, UnsupportedModelError
 from hfedmoe.model.loading import (
     SUPPORTED_FAMILIES,
@@ -20,6 +20,7 @@ __all__ = [
     "ModelNotFoundError",
     "MoEAdapter",
     "MoEGeometry",
+    "OnlinePlan",
     "RoutingTrace",
     "UnsupportedModelError",
     "load_adapter",

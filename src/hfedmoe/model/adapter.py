@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import torch
 from torch import nn
@@ -68,6 +68,30 @@ class BackwardPlan:
     active: torch.Tensor | None = None  # (L, S) bool
 
 
+@dataclass
+class OnlinePlan:
+    """Which experts learn from the current batch, decided layer by layer DURING the forward
+    (one-pass budgeted experts; ``budget.mode = "one-pass"``).
+
+    Each MoE layer's expert bank calls ``choose(layer)`` right after its router ran (the
+    router's output is already in the routing trace) and gets an (S,) bool mask: those routed
+    experts run with grad; the other routed experts run once without grad, their output a
+    constant (their parameters get no gradient, their input none through them, and none of
+    their activations are kept), still weighted by the router, which learns from them. The
+    banks record each layer's mask in ``chosen`` (index = layer).
+    """
+
+    choose: Callable[[int], torch.Tensor]  # MoE layer l -> (S,) bool
+    chosen: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def active(self, num_layers: int, num_experts: int) -> torch.Tensor:
+        """The (L, S) bool masks chosen so far (layers never reached: none active)."""
+        mask = torch.zeros(num_layers, num_experts, dtype=torch.bool)
+        for layer, chosen in self.chosen.items():
+            mask[layer] = chosen.cpu()
+        return mask
+
+
 class MoEAdapter(Protocol):
     """What every model family exposes. Implementations live in ``hfedmoe.model``."""
 
@@ -98,4 +122,10 @@ class MoEAdapter(Protocol):
 
     def deferred_expert_backward(self) -> AbstractContextManager[BackwardPlan]:
         """Forward passes inside the block defer each routed expert's backward to a plan."""
+        ...
+
+    def budgeted_experts(self, choose: Callable[[int], torch.Tensor]
+                         ) -> AbstractContextManager[OnlinePlan]:
+        """Forward passes inside the block train only the experts ``choose(layer)`` picks
+        right after each router (:class:`OnlinePlan`)."""
         ...

@@ -12,13 +12,13 @@ parameter, a router parameter, an input-embedding parameter, or a non-expert par
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
-from hfedmoe.model.adapter import BackwardPlan, MoEGeometry, RoutingTrace
+from hfedmoe.model.adapter import BackwardPlan, MoEGeometry, OnlinePlan, RoutingTrace
 from hfedmoe.model.classifier import HEAD_PREFIX, MoEClassifier
 from hfedmoe.model.sparse_experts import SparseExperts
 
@@ -100,14 +100,23 @@ class ModelAdapter:
             for handle in handles:
                 handle.remove()
 
-    @contextmanager
-    def deferred_expert_backward(self) -> Iterator[BackwardPlan]:
+    def deferred_expert_backward(self) -> AbstractContextManager[BackwardPlan]:
         """Attach one fresh :class:`BackwardPlan` to every bank for the forward passes run
         inside the block; set ``plan.active`` before ``backward()``, which may run after
         the block exits (the graph keeps the plan). Banks are detached on exit."""
+        return self._attached(BackwardPlan())
+
+    def budgeted_experts(self, choose: Callable[[int], torch.Tensor]
+                         ) -> AbstractContextManager[OnlinePlan]:
+        """Attach one fresh :class:`OnlinePlan` to every bank for the forward passes run
+        inside the block (each bank asks ``choose(layer)`` after its router); detached on
+        exit. The graph needs nothing of the plan at backward time."""
+        return self._attached(OnlinePlan(choose))
+
+    @contextmanager
+    def _attached(self, plan: BackwardPlan | OnlinePlan) -> Iterator[BackwardPlan | OnlinePlan]:
         if any(bank.plan is not None for bank in self.banks):
-            raise RuntimeError("deferred_expert_backward() is already active on this model")
-        plan = BackwardPlan()
+            raise RuntimeError("an expert plan is already attached to this model")
         for bank in self.banks:
             bank.plan = plan
         try:

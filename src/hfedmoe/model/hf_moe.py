@@ -25,13 +25,15 @@ Router probabilities G_e(x) (method.md, section 1):
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 import transformers
 from torch import nn
 from transformers import PretrainedConfig
 
 from hfedmoe.model.generic import RoutingFn, UnsupportedModelError
-from hfedmoe.model.sparse_experts import SparseExperts
+from hfedmoe.model.sparse_experts import SparseExperts, grouped_linear
 
 FUSED_FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v3")
 DROPOUT_KEYS = ("attention_dropout",)  # the only dropout these configs have
@@ -66,6 +68,15 @@ class GatedExpert(nn.Module):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         gate, up = nn.functional.linear(hidden_states, self.gate_up_proj).chunk(2, dim=-1)  # (t, I) x2
         return nn.functional.linear(self.act_fn(gate) * up, self.down_proj)  # (t, H)
+
+    @staticmethod
+    def grouped_forward(experts: Sequence["GatedExpert"], x: torch.Tensor, sizes: Sequence[int]
+                        ) -> torch.Tensor:
+        """Each expert's forward on its block of rows of ``x`` (n, H), ``sizes[i]`` rows for
+        ``experts[i]``, as two grouped matrix products. (n, H)."""
+        gate_up = grouped_linear(x, [e.gate_up_proj for e in experts], sizes)  # (n, 2I)
+        gate, up = gate_up.chunk(2, dim=-1)  # (n, I) x2
+        return grouped_linear(experts[0].act_fn(gate) * up, [e.down_proj for e in experts], sizes)
 
 
 def check_fused_layout(experts: nn.Module, where: str) -> None:

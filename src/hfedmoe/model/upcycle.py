@@ -14,14 +14,14 @@ See docs/upcycling.md for the split and router-initialisation choices and measur
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers import BertModel
 from transformers.activations import ACT2FN
 
-from hfedmoe.model.sparse_experts import SparseExperts
+from hfedmoe.model.sparse_experts import SparseExperts, grouped_linear
 
 
 class DenseActExpert(nn.Module):
@@ -35,6 +35,16 @@ class DenseActExpert(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.down(self.act(self.up(hidden_states)))  # (tokens, H)
+
+    @staticmethod
+    def grouped_forward(experts: Sequence["DenseActExpert"], x: torch.Tensor,
+                        sizes: Sequence[int]) -> torch.Tensor:
+        """Each expert's forward on its block of rows of ``x`` (n, H), ``sizes[i]`` rows for
+        ``experts[i]``, as two grouped matrix products. (n, H)."""
+        counts = torch.tensor(list(sizes), device=x.device)
+        bias = torch.stack([e.up.bias for e in experts]).repeat_interleave(counts, dim=0)  # (n, m)
+        hidden = grouped_linear(x, [e.up.weight for e in experts], sizes) + bias  # (n, m)
+        return grouped_linear(experts[0].act(hidden), [e.down.weight for e in experts], sizes)
 
 
 class UpcycledRouter(nn.Module):

@@ -76,11 +76,29 @@ class HeldExpertsSelector:
 
     held: torch.Tensor  # (L, S) bool
 
+    @property
+    def trains_every_routed_expert(self) -> bool:
+        return bool(self.held.all())
+
     def __call__(self, trace: RoutingTrace, attention_mask: torch.Tensor) -> BatchSelection:
         routed = routed_experts(trace.top_k_index, token_mask(attention_mask),
                                 self.held.shape[1]).cpu()  # (L, S) bool
         zeros = torch.zeros(self.held.shape)
         return BatchSelection(self.held & routed, zeros, zeros)
+
+    def layer_chooser(self, trace: RoutingTrace, attention_mask: torch.Tensor
+                      ) -> Callable[[int], torch.Tensor]:
+        """One pass: layer l's held experts that the batch routes to (exact: the set is fixed
+        for the round)."""
+        def choose(layer: int) -> torch.Tensor:  # (S,) bool
+            routed = routed_experts(trace.top_k_index[layer:layer + 1],
+                                    token_mask(attention_mask), self.held.shape[1])[0].cpu()
+            return self.held[layer] & routed
+
+        return choose
+
+    def observe(self, selection: BatchSelection) -> None:
+        """Nothing to learn across batches: the held set is the round's plan."""
 
 
 def upload_trained(trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:

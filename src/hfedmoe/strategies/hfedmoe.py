@@ -14,7 +14,7 @@ Diagnostics per round: alpha(c), r(c) (Eq. 18), |S_c| per layer and |S_global|.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -25,25 +25,64 @@ from hfedmoe.aggregation import (
     fedavg,
     hfedmoe_aggregate,
 )
-from hfedmoe.importance import routed_experts
+from hfedmoe.importance import expert_importance, ib_score, routed_experts, routing_kl
 from hfedmoe.model.adapter import MoEGeometry, RoutingTrace
 from hfedmoe.model.state import expert_of
-from hfedmoe.selection import BatchSelection, IBSelector
+from hfedmoe.selection import BatchSelection, IBSelector, LayerQuotas, top_in_layer
 from hfedmoe.strategies.base import Diagnostics
-from hfedmoe.training import ExpertSelector, LocalTrainingResult, sample_probabilities, token_mask
+from hfedmoe.training import (
+    ExpertSelector,
+    LocalTrainingResult,
+    layer_sample_probabilities,
+    sample_probabilities,
+    token_mask,
+)
 
 
 @dataclass(frozen=True)
 class TraceSelector:
-    """Adapts the pure IB selection to the training loop's (trace, attention_mask) call."""
+    """Adapts the pure IB selection to the training loop's (trace, attention_mask) call.
+
+    Called after the forward: the exact Eq. 15 set over all layers (and the batch's
+    importance). One-pass (:class:`hfedmoe.training.OnlineSelector`): each layer takes its
+    top experts by I_b under :class:`LayerQuotas` (our decision for Eq. 15 in one pass), and
+    the exact set of the batch sets the next batch's quotas."""
 
     selector: IBSelector
     num_experts: int
+    quotas: LayerQuotas
+
+    @property
+    def trains_every_routed_expert(self) -> bool:
+        """A budget (and per-layer cap) that covers every expert: Eq. 15 keeps all routed."""
+        cap = self.selector.per_layer_budget
+        return (self.selector.budget >= len(self.quotas.quota) * self.num_experts
+                and (cap is None or cap >= self.num_experts))
 
     def __call__(self, trace: RoutingTrace, attention_mask: torch.Tensor) -> BatchSelection:
         probs = sample_probabilities(trace, attention_mask)  # (L, B', S) real samples
         routed = routed_experts(trace.top_k_index, token_mask(attention_mask), self.num_experts)
         return self.selector(probs, routed)
+
+    def layer_chooser(self, trace: RoutingTrace, attention_mask: torch.Tensor
+                      ) -> Callable[[int], torch.Tensor]:
+        self.quotas.start_batch()
+        lam, beta = self.selector.lam, self.selector.beta
+
+        def choose(layer: int) -> torch.Tensor:  # (S,) bool
+            probs = layer_sample_probabilities(trace.probabilities[layer], attention_mask)
+            probs = probs.unsqueeze(0)  # (1, B', S): one layer for the pure functions
+            routed = routed_experts(trace.top_k_index[layer:layer + 1],
+                                    token_mask(attention_mask), self.num_experts)[0].cpu()
+            importance = expert_importance(probs, lam)  # (1, S)
+            kl = routing_kl(probs) if beta > 0 else torch.zeros_like(importance)
+            score = ib_score(importance, kl, beta)[0].cpu()  # (S,)
+            return top_in_layer(score, routed, self.quotas.take(layer, int(routed.sum())))
+
+        return choose
+
+    def observe(self, selection: BatchSelection) -> None:
+        self.quotas.observe(selection.active)
 
 
 @dataclass(frozen=True)
@@ -64,7 +103,9 @@ class HFedMoEMethod:
     def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
                  ) -> ExpertSelector | None:
         return TraceSelector(IBSelector(self.lam, self.beta, budget_experts,
-                                        self.per_layer_budget), geometry.num_experts)
+                                        self.per_layer_budget), geometry.num_experts,
+                             LayerQuotas(budget_experts, geometry.num_layers,
+                                         self.per_layer_budget))
 
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:
         if not self.sparse_upload:

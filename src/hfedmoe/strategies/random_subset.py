@@ -7,7 +7,7 @@ value). The baseline that isolates HFedMoE's *choice* of experts from its budget
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from hfedmoe.aggregation import ClientUpdate, State, fedavg
 from hfedmoe.importance import routed_experts
 from hfedmoe.model.adapter import MoEGeometry, RoutingTrace
 from hfedmoe.model.state import expert_of
-from hfedmoe.selection import BatchSelection, select_active_experts
+from hfedmoe.selection import BatchSelection, LayerQuotas, select_active_experts, top_in_layer
 from hfedmoe.strategies.base import Diagnostics
 from hfedmoe.training import ExpertSelector, LocalTrainingResult, token_mask
 
@@ -27,16 +27,40 @@ class RandomSelector:
     budget: int
     num_experts: int
     seed: int
+    num_layers: int
     generator: torch.Generator = field(init=False)
+    quotas: LayerQuotas = field(init=False)
 
     def __post_init__(self) -> None:
         self.generator = torch.Generator().manual_seed(self.seed)
+        self.quotas = LayerQuotas(self.budget, self.num_layers)
+
+    @property
+    def trains_every_routed_expert(self) -> bool:
+        return self.budget >= self.num_layers * self.num_experts
 
     def __call__(self, trace: RoutingTrace, attention_mask: torch.Tensor) -> BatchSelection:
         routed = routed_experts(trace.top_k_index, token_mask(attention_mask), self.num_experts)
         score = torch.rand(routed.shape, generator=self.generator)  # (L, S)
         active = select_active_experts(score, routed.cpu(), self.budget)
         return BatchSelection(active, torch.zeros_like(score), score)
+
+    def layer_chooser(self, trace: RoutingTrace, attention_mask: torch.Tensor
+                      ) -> Callable[[int], torch.Tensor]:
+        """One pass: each layer a random subset of its routed experts, as many as
+        :class:`LayerQuotas` allow (budget split over layers as for HFedMoE)."""
+        self.quotas.start_batch()
+
+        def choose(layer: int) -> torch.Tensor:  # (S,) bool
+            routed = routed_experts(trace.top_k_index[layer:layer + 1],
+                                    token_mask(attention_mask), self.num_experts)[0].cpu()
+            score = torch.rand(routed.shape, generator=self.generator)  # (S,)
+            return top_in_layer(score, routed, self.quotas.take(layer, int(routed.sum())))
+
+        return choose
+
+    def observe(self, selection: BatchSelection) -> None:
+        self.quotas.observe(selection.active)
 
 
 @dataclass(frozen=True)
@@ -48,7 +72,7 @@ class RandomSubsetMethod:
 
     def selector(self, budget_experts: int, geometry: MoEGeometry, seed: int
                  ) -> ExpertSelector | None:
-        return RandomSelector(budget_experts, geometry.num_experts, seed)
+        return RandomSelector(budget_experts, geometry.num_experts, seed, geometry.num_layers)
 
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:
         return {key: tensor for key, tensor in trained.items()
