@@ -102,12 +102,14 @@ def expert_cost(params_per_expert: int, hidden_size: int, intermediate_size: int
                 bytes_per_element: int = 4, gated: bool = True) -> ExpertCost:
     """The cost of one trainable expert from plain model and batch numbers.
 
-    Params, gradients and AdamW's two moments: ``params_per_expert`` elements each (moments x2).
+    Params, gradients and AdamW's two moments: ``params_per_expert`` elements each (moments x2);
+    a client holds moments for exactly its C_budget experts with ``budget.optimizer-state =
+    "batch"`` (the default; "round" holds them for every expert trained in the round, more).
     Activations: on average tokens_per_batch * top_k / num_experts tokens reach an expert (uniform
     routing); per token it keeps its input (hidden_size) and its intermediate tensors:
     4 * intermediate_size for a gated MLP (gate, up, act(gate), act*up) or 2 * intermediate_size
-    for a plain MLP (fc1 output, activation output). This is an upper bound for hfedmoe's own
-    backward, which recomputes an active expert's intermediates one expert at a time.
+    for a plain MLP (fc1 output, activation output), as an active expert of ``budget.mode =
+    "one-pass"`` does ("recompute" keeps them for one expert at a time, during the backward).
     """
     numbers = {"params_per_expert": params_per_expert, "hidden_size": hidden_size,
                "intermediate_size": intermediate_size, "tokens_per_batch": tokens_per_batch,

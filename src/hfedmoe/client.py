@@ -94,6 +94,7 @@ def local_settings(config: RunConfig, seed: int, local_steps: int | None = None
         aux_loss_coef=config.model.aux_loss_coef,
         seed=seed,
         budget_mode=config.budget.mode,
+        optimizer_state=config.budget.optimizer_state,
     )
 
 

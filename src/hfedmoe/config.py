@@ -34,6 +34,7 @@ FAILURE_MODES = ("raise", "hang")
 ATTACKS = ("sign-flip", "scale")
 EXPERT_STEPS = ("holders", "data-share")  # hfedmoe.aggregation.aggregate_experts
 BUDGET_MODES = ("one-pass", "recompute")  # hfedmoe.model.sparse_experts
+OPTIMIZER_STATES = ("batch", "round")  # hfedmoe.training.drop_idle_expert_state
 
 
 _TYPE_NAMES = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
@@ -233,6 +234,7 @@ class BudgetConfig:
     experts: str  # budget spec string, parsed by hfedmoe.budget (validated here)
     per_layer: int  # 0 = no per-layer cap
     mode: str  # "one-pass" or "recompute": how budgeted experts run (hfedmoe.model.sparse_experts)
+    optimizer_state: str  # "batch" or "round": whose AdamW moments a client keeps (training)
 
     def __post_init__(self) -> None:
         from hfedmoe.budget import parse_budget_spec
@@ -245,6 +247,7 @@ class BudgetConfig:
         _require(self.per_layer >= 0, "budget.per-layer", self.per_layer,
                  "an integer >= 0 (0 = no per-layer cap)")
         _choice("budget.mode", self.mode, BUDGET_MODES)
+        _choice("budget.optimizer-state", self.optimizer_state, OPTIMIZER_STATES)
 
 
 @dataclass(frozen=True)

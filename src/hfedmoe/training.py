@@ -57,6 +57,7 @@ class LocalTrainingSettings:
     aux_loss_coef: float
     seed: int  # seeds batch order (and dropout) of this client in this round
     budget_mode: str = "one-pass"  # budget.mode: "one-pass" or "recompute" (sparse_experts)
+    optimizer_state: str = "batch"  # budget.optimizer-state: "batch" or "round"
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class LocalTrainingResult:
     peak_memory_bytes: int  # see hfedmoe.measurement
     mean_step_seconds: float
     local_steps: int = 0  # optimizer steps run (0: the client sat the round out)
+    max_experts_with_optimizer_state: int = 0  # measured after every step (budget.optimizer-state)
     # one-pass selection against the exact Eq. 15 set, round means (None: not one-pass):
     selection_overlap: float | None = None  # |chosen ∩ exact| / |exact|
     selection_share: float | None = None  # sum I_b(chosen) / sum I_b(exact)
@@ -145,6 +147,28 @@ def _experts_with_gradient(adapter: MoEAdapter) -> torch.Tensor:
     return has_grad
 
 
+def drop_idle_expert_state(optimizer: torch.optim.Optimizer, adapter: MoEAdapter,
+                           active: torch.Tensor) -> None:
+    """``budget.optimizer-state = "batch"``: forget the AdamW state (moments and step count)
+    of every expert not in ``active`` (L, S) bool, the experts that learned in this batch, so
+    a client never holds more than C_budget experts' optimizer state (what the cost model of
+    hfedmoe.budget charges). An expert that learns again later starts its moments afresh, as
+    on its first step (docs/hfedmoe.md, "Optimizer state within the budget")."""
+    g = adapter.geometry
+    for layer in range(g.num_layers):
+        for expert in range(g.num_experts):
+            if not bool(active[layer, expert]):
+                for param in adapter.expert_parameters(layer, expert).values():
+                    optimizer.state.pop(param, None)
+
+
+def experts_with_optimizer_state(optimizer: torch.optim.Optimizer, adapter: MoEAdapter) -> int:
+    """How many experts have AdamW state (moments) in ``optimizer`` now (a measurement)."""
+    g = adapter.geometry
+    return sum(any(p in optimizer.state for p in adapter.expert_parameters(l, e).values())
+               for l in range(g.num_layers) for e in range(g.num_experts))
+
+
 def _to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     return {k: v.to(device) for k, v in batch.items()}
 
@@ -180,7 +204,8 @@ def train_locally(
     trained = torch.zeros(geometry.num_layers, geometry.num_experts, dtype=torch.bool)
     usage_sum = torch.zeros(geometry.num_layers, geometry.num_experts)
     importance_sum = torch.zeros(geometry.num_layers, geometry.num_experts)
-    samples, losses, step_seconds, max_active, peak_grad = 0, [], [], 0, 0
+    samples, losses, step_seconds, max_active, peak_grad, peak_state = 0, [], [], 0, 0, 0
+    max_with_state = 0  # experts holding AdamW state after a step, max over steps
     closeness: list[tuple[float, float]] = []  # one-pass: (overlap, share) per batch
     model.train()
     for _ in range(settings.local_steps):
@@ -215,7 +240,11 @@ def train_locally(
         loss.backward()
         active_now = _experts_with_gradient(adapter)  # measured, not planned
         peak_grad = max(peak_grad, gradient_bytes(trainable))
+        if settings.optimizer_state == "batch" and not plain:  # before the step: never > C
+            drop_idle_expert_state(optimizer, adapter, active_now)
         optimizer.step()
+        peak_state = max(peak_state, optimizer_state_bytes(optimizer))
+        max_with_state = max(max_with_state, experts_with_optimizer_state(optimizer, adapter))
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - start)
         trained |= active_now
@@ -226,7 +255,7 @@ def train_locally(
         losses.append(float(task_loss.detach()))
     model.eval()
     params = list(model.parameters())
-    memory = tensor_bytes(params) + peak_grad + optimizer_state_bytes(optimizer) + meter.peak_bytes
+    memory = tensor_bytes(params) + peak_grad + peak_state + meter.peak_bytes
     if device.type == "cuda":
         memory = torch.cuda.max_memory_allocated(device)
     return LocalTrainingResult(
@@ -239,6 +268,7 @@ def train_locally(
         peak_memory_bytes=int(memory),
         mean_step_seconds=sum(step_seconds) / len(step_seconds),
         local_steps=settings.local_steps,
+        max_experts_with_optimizer_state=max_with_state,
         selection_overlap=_mean([c[0] for c in closeness]),
         selection_share=_mean([c[1] for c in closeness]),
     )

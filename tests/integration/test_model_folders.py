@@ -13,6 +13,7 @@ import transformers
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
 from hfedmoe.cli import main
+from hfedmoe.model import switch
 from hfedmoe.model.hf_moe import tiny_config
 from hfedmoe.report import read_metrics
 
@@ -104,9 +105,16 @@ def test_a_folder_without_weights_is_named_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_a_folder_without_tokenizer_files_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("family", ["qwen2_moe", "switch_transformers"])
+def test_a_folder_without_tokenizer_files_is_refused(tmp_path, capsys, family):
     folder = tmp_path / "model"
-    _model(folder, 30522)
+    if family == "switch_transformers":  # transformers still builds a tokenizer for it
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            transformers.SwitchTransformersForConditionalGeneration(
+                switch.tiny_config(family)).save_pretrained(folder)
+    else:
+        _model(folder, 30522)
     status = main(["run", "--config", "conf/tiny.toml", "--set", f"model.name={folder}",
                    "--out", str(tmp_path / "out")])
     err = capsys.readouterr().err.strip().splitlines()
