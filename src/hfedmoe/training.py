@@ -243,10 +243,10 @@ def train_locally(
         if settings.optimizer_state == "batch" and not plain:  # before the step: never > C
             drop_idle_expert_state(optimizer, adapter, active_now)
         optimizer.step()
-        peak_state = max(peak_state, optimizer_state_bytes(optimizer))
-        max_with_state = max(max_with_state, experts_with_optimizer_state(optimizer, adapter))
         optimizer.zero_grad(set_to_none=True)
         step_seconds.append(time.perf_counter() - start)
+        peak_state = max(peak_state, optimizer_state_bytes(optimizer))  # measured, not timed
+        max_with_state = max(max_with_state, experts_with_optimizer_state(optimizer, adapter))
         trained |= active_now
         max_active = max(max_active, int(active_now.sum()))
         sample_probs = sample_probabilities(trace, batch["attention_mask"])  # (L, B', S)
