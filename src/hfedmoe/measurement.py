@@ -3,7 +3,8 @@
 On CPU, torch keeps no allocator statistics, and a process's peak RSS mixes every client a
 Ray worker ever ran. We therefore measure training memory from the tensors themselves:
 
-    peak_memory_bytes = parameter bytes + gradient bytes + optimizer-state bytes
+    peak_memory_bytes = parameter bytes + max over steps of the gradient bytes
+                        + max over steps of the optimizer-state bytes (after each step)
                         + max over steps of the bytes saved for backward
 
 Saved-for-backward bytes are counted with ``torch.autograd.graph.saved_tensors_hooks``,

@@ -72,8 +72,9 @@ class RunRecorder:
 
     Construction creates ``out_dir``, writes ``config.toml`` and starts ``metrics.jsonl``
     with ``records`` (those of a checkpoint when a run resumes; none for a new run): outputs
-    of an earlier run in the same directory are replaced. Each :meth:`record_round` line is
-    durable (fsync) when the call returns, so a crashed run keeps every completed round.
+    already in the directory are replaced (a new run has first moved an earlier run aside to
+    ``<out>.1``, hfedmoe.run_dir). Each :meth:`record_round` line is durable (fsync) when the
+    call returns, so a crashed run keeps every completed round.
     """
 
     def __init__(self, out_dir: Path, config: RunConfig,

@@ -2,9 +2,11 @@
 
 One local round (method.md, section 5, step 2), per batch:
 forward with normal routing (router outputs traced) -> loss (+ load-balancing loss) ->
-``selector`` picks the experts that may learn (None = every routed expert) -> backward through
-those experts only -> optimizer step. The loop measures what the budget is about: the number
-of experts that actually received a gradient in each batch, the step time, and training memory.
+backward through only the experts that may learn -> optimizer step. ``selector`` picks those
+experts (None = every routed expert): with ``budget.mode = "one-pass"`` layer by layer during
+the forward, right after each router; with ``"recompute"`` after the forward (see
+:func:`train_locally`). The loop measures what the budget is about: the number of experts that
+actually received a gradient in each batch, the step time, and training memory.
 """
 
 from __future__ import annotations

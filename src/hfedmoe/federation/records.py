@@ -12,7 +12,9 @@ Train reply (client -> server):
   ``"metrics"`` MetricRecord - ``num-examples``, ``client-id``, ``train-loss``,
                                ``budget-experts``, ``max-active-experts-per-batch``,
                                ``peak-memory-bytes``, ``mean-step-seconds``,
-                               ``local-steps`` (0: the client sat the round out)
+                               ``local-steps`` (0: the client sat the round out);
+                               with one-pass selection also ``selection-overlap``,
+                               ``selection-share`` (vs the exact Eq. 15 set, round means)
   ``"routing"`` MetricRecord - flattened row-major from (L, S): ``usage`` u_c(e) (Eq. 16),
                                ``trained`` (1 = the expert got a gradient this round),
                                ``importance`` s^c(e) (methods that select experts only)

@@ -12,7 +12,9 @@ relies on:
 
 * an expert that receives no gradient keeps ``.grad is None``; ``torch.optim.AdamW``
   then skips it entirely (no state, no update, no weight decay) - inactive experts stay
-  bit-identical and cost no gradient or optimizer memory;
+  bit-identical and cost no gradient or optimizer memory (state from an earlier batch of
+  the round: a budgeted client drops it with ``budget.optimizer-state = "batch"``, the
+  default; ``"round"`` and full training keep it);
 * an expert's tensors can be read or written by ``(layer, expert)`` without slicing.
 """
 

@@ -55,7 +55,9 @@ class GatedExpert(nn.Module):
     """One routed expert: ``down_proj · (act(g) ⊙ u)`` with ``[g; u] = gate_up_proj · x``.
 
     ``gate_up_proj`` (2I, H), ``down_proj`` (H, I); (tokens, H) -> (tokens, H). Same
-    arithmetic as the fused modules' eager path, so outputs match bit for bit.
+    arithmetic as the fused modules' eager path, so outputs match bit for bit; the bank runs
+    :meth:`grouped_forward` (except under ``budget.mode = "recompute"``), which agrees with it to
+    float tolerance (a test).
     """
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, act_fn: nn.Module,

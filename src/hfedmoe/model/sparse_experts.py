@@ -10,7 +10,9 @@ sorted by expert ONCE; each expert's tokens are then one contiguous slice, the e
 a group (:func:`run_group`: ``torch.nn.functional.grouped_mm`` over the stacked weights of the
 group for the families that provide :meth:`grouped_forward`, else one call per expert on its
 slice), and one ``index_add_`` per layer puts the weighted outputs back in token order. No
-per-expert full-size scatter.
+per-expert full-size scatter on the plain and one-pass paths; ``budget.mode = "recompute"``
+(:meth:`SparseExperts._deferred_forward`) still runs one :class:`_DeferredExpert` call and
+one ``index_add_`` per routed expert.
 
 Which experts learn (method.md, section 2), by the plan attached to the bank:
 
@@ -157,7 +159,8 @@ class Slots(NamedTuple):
 def dispatch(top_k_index: torch.Tensor, num_experts: int, active: torch.Tensor | None) -> Slots:
     """Sort the routing slots of ``top_k_index`` (tokens, k) by expert once (dropped slots,
     value ``num_experts``, left out); with ``active`` (S,) bool, the active experts' slots
-    come first. Experts without tokens are in neither group. One host sync (the counts)."""
+    come first. Experts without tokens are in neither group. Host syncs: ``nonzero``, the
+    counts and (when given) ``active``."""
     flat = top_k_index.reshape(-1)  # (tokens * k,)
     kept = torch.nonzero(flat < num_experts).reshape(-1)  # (n,) flat slot ids
     experts = flat[kept]

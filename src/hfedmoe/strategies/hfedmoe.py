@@ -2,7 +2,10 @@
 
 Client, per local batch: importance s(e) (Eqs. 3-5) and IB score I_b(e) = s(e) - beta*KL_e
 (Eqs. 10, 11, 14) from the router probabilities of the same forward pass; the active set is
-the top-C_budget routed experts by I_b (Eq. 15); only those back-propagate.
+the top-C_budget routed experts by I_b (Eq. 15); only those back-propagate. With
+``budget.mode = "one-pass"`` (the default) each layer takes its top experts right after its
+router, under per-layer quotas from the previous batch's exact Eq. 15 set
+(:class:`TraceSelector`, :class:`hfedmoe.selection.LayerQuotas`).
 Client, end of round: usage u_c (Eq. 16), S_c = {e : u_c(e) >= tau}; uploads the experts it
 trained this round AND that are in S_c, its routers and its other trainables, plus u_c and the
 round-mean importance s^c.
