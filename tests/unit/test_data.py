@@ -340,3 +340,19 @@ def test_tokenize_and_batch_errors(tokenizer):
         tokenize(one_label_per_text(TEXTS), tokenizer, 0)
     with pytest.raises(DataError, match="shape"):
         TokenizedSet(full.input_ids, full.attention_mask[:, :3], full.labels)
+
+
+def test_untokenizable_prefix_check_equals_whole_text_check(tokenizer, bbc):
+    """A text whose first characters hold no token but whose end does is kept; one with no
+    token anywhere is dropped; on BBC News a tiny prefix gives the whole-text answer."""
+    from hfedmoe.data import Corpus, drop_untokenizable
+
+    late_word = " " * 600 + "word"  # the prefix alone has no token
+    texts = ("early word", late_word, " \t" * 400, "\x00\x01" * 300, "fine")
+    split = TextDataset(texts, (0, 1, 0, 1, 0), ("a", "b"))
+    kept = drop_untokenizable(Corpus(split, split, ("a", "b")), tokenizer, prefix_chars=16)
+    assert kept.train.texts == ("early word", late_word, "fine") == kept.test.texts
+    assert any("dropped 2 train text(s)" in note for note in kept.notes)
+    sample = Corpus(bbc.train.subset(range(200)), bbc.test.subset(range(50)), bbc.label_names)
+    short, whole = (drop_untokenizable(sample, tokenizer, prefix_chars=n) for n in (2, 10**9))
+    assert short.train.texts == whole.train.texts and short.test.texts == whole.test.texts

@@ -9,7 +9,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from hfedmoe import faults
-from hfedmoe.client import ClientResources, evaluate_client, run_client_round
+from hfedmoe.client import evaluate_client, process_resources, run_client_round
 from hfedmoe.config import RunConfig, parse_run_config
 from hfedmoe.federation import records
 from hfedmoe.personal_store import CLIENT_STATE_DIR, PersonalStore, rounds_to_keep
@@ -48,9 +48,9 @@ def personal_state(context: Context, store: PersonalStore | None, up_to_round: i
 
 
 def make_client_app() -> ClientApp:
-    """A ClientApp owning the resources its process reuses across rounds and clients."""
+    """A ClientApp whose calls reuse what their process built (hfedmoe.client.process_resources:
+    Flower's Ray backend sends a fresh copy of the app object with every message)."""
     client_app = ClientApp()
-    resources = ClientResources()
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -62,7 +62,7 @@ def make_client_app() -> ClientApp:
         store = personal_store(context, config, partition_id, instruction.lineage)
         outcome = run_client_round(config, partition_id, instruction.server_round,
                                    instruction.global_state, context.node_config.get("budget"),
-                                   resources,
+                                   process_resources(),
                                    personal_state(context, store, instruction.server_round - 1))
         records.store_personal_state(context.state, outcome.personal)
         if store is not None and outcome.personal:
@@ -84,7 +84,7 @@ def make_client_app() -> ClientApp:
         store = personal_store(context, config, partition_id, instruction.lineage)
         result = evaluate_client(config, partition_id, instruction.global_state,
                                  personal_state(context, store, instruction.server_round),
-                                 resources)
+                                 process_resources())
         content = records.evaluate_reply(partition_id, result.num_examples, result.accuracy,
                                          result.loss)
         return Message(content, reply_to=msg)

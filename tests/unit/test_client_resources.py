@@ -1,0 +1,75 @@
+"""What a client process builds is reused across messages, also when the ClientApp object
+arrives as a fresh copy with each message (Flower's Ray backend pickles it per message),
+and is rebuilt when the data changed."""
+
+from __future__ import annotations
+
+import cloudpickle
+import pytest
+
+from hfedmoe import client as client_module
+from hfedmoe.config import parse_run_config
+from hfedmoe.federation import records
+from hfedmoe.federation.client_app import make_client_app
+from hfedmoe.federation.grids import InProcessGrid
+from hfedmoe.federation.loop import RoundPolicy
+from hfedmoe.federation.server_app import run_server
+
+TINY = {"model.name": "tiny:qwen2_moe", "model.max-length": 32, "data.num-clients": 2,
+        "data.max-examples": 200, "train.local-steps": 1, "train.batch-size": 4,
+        "num-server-rounds": 2, "simulation.runtime": "inprocess", "checkpoint.every": 0}
+
+
+class CopiedPerMessage:
+    """A ClientApp stand-in that, like Ray, runs a fresh unpickled copy for every message."""
+
+    def __init__(self, app) -> None:
+        self._blob = cloudpickle.dumps(app)
+
+    def __call__(self, message, context):
+        return cloudpickle.loads(self._blob)(message, context)
+
+
+@pytest.fixture
+def counted_builds(monkeypatch):
+    client_module._resources_of_process.cache_clear()  # this test's process starts empty
+    builds = {"model": 0, "corpus": 0}
+    build_model, drop = client_module.build_model, client_module.drop_untokenizable
+
+    def counting_model(*args, **kwargs):
+        builds["model"] += 1
+        return build_model(*args, **kwargs)
+
+    def counting_drop(*args, **kwargs):
+        builds["corpus"] += 1
+        return drop(*args, **kwargs)
+
+    monkeypatch.setattr(client_module, "build_model", counting_model)
+    monkeypatch.setattr(client_module, "drop_untokenizable", counting_drop)
+    yield builds
+    client_module._resources_of_process.cache_clear()
+
+
+def test_copied_client_app_reuses_the_process_model_and_corpus(tmp_path, counted_builds):
+    config = parse_run_config({**TINY, "out": str(tmp_path / "run")})
+    grid = InProcessGrid(CopiedPerMessage(make_client_app()), config.data.num_clients)
+    summary = run_server(grid, config)
+    assert summary["trained_rounds"] == 2
+    # 2 rounds x 2 clients x (train + evaluate) = 8 messages, one build of each
+    assert counted_builds == {"model": 1, "corpus": 1}
+
+
+def test_changed_data_file_is_loaded_afresh(tmp_path, counted_builds):
+    path = tmp_path / "data.csv"
+    rows = [f"text number {i} about {'sport' if i % 2 else 'money'},{i % 2}" for i in range(40)]
+    path.write_text("text,label\n" + "\n".join(rows) + "\n", encoding="utf-8")
+    config = parse_run_config({**TINY, "data.source": "file", "data.path": str(path),
+                               "data.max-examples": 0})
+    resources = client_module.process_resources()
+    before = resources.data(config, 0)
+    assert resources.data(config, 0) is before and counted_builds["corpus"] == 1
+    path.write_text("text,label\n" + "\n".join(r.replace("text", "note") for r in rows) + "\n",
+                    encoding="utf-8")
+    after = resources.data(config, 0)
+    assert counted_builds["corpus"] == 2
+    assert not after.train.input_ids.equal(before.train.input_ids)
