@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from hfedmoe.budget import PRESETS
+from hfedmoe.calibration import Calibration, CalibrationError, from_bench
 from hfedmoe.client import build_model, client_datasets, local_settings
 from hfedmoe.config import RunConfig
 from hfedmoe.data import batches
@@ -74,8 +76,18 @@ class StepCount:
     trainable_state_bytes: int  # gradients + optimizer moments after one step
 
 
-def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) -> list[BenchRow]:
-    """Rows for full training and each budget (module docstring); the first is full training."""
+@dataclass(frozen=True)
+class BenchReport:
+    rows: list[BenchRow]  # full training first, then each budget
+    floor_flops_ratio: float  # step FLOPs when no expert learns / full training's (the floor)
+    total_experts: int
+    min_budget: int  # the model's top-k: the smallest budget a client can have
+
+
+def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) -> BenchReport:
+    """Rows for full training and each budget (module docstring), and the floor: the step
+    FLOPs ratio no budget goes below on this model (forward, the frozen attention's and
+    routers' backward, the head: everything but the experts' backward)."""
     client = client_datasets(config, partition_id=0)
     data = client.train
     adapter = build_model(config, client.num_labels)
@@ -121,7 +133,9 @@ def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) 
             memory / full_memory, count.backward_flops / full.backward_flops,
             (count.backward_flops - none.backward_flops) / expert_full if expert_full else 1.0,
             ideal, count.trainable_state_bytes / full.trainable_state_bytes))
-    return rows
+    floor = ((full.forward_flops + none.backward_flops)
+             / (full.forward_flops + full.backward_flops))
+    return BenchReport(rows, floor, total, min(adapter.geometry.top_k, total))
 
 
 def count_step(adapter: MoEAdapter, trainable: list[torch.nn.Parameter],
@@ -169,10 +183,34 @@ def count_step(adapter: MoEAdapter, trainable: list[torch.nn.Parameter],
     return StepCount(forward.total, backward.total, share, held)
 
 
-def write_json(rows: list[BenchRow], path: Path, meta: dict) -> None:
-    """``{"meta": ..., "rows": [{"budget": int, "step_time_ratio": float, ...}, ...]}``."""
-    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in rows]}, indent=2)
-                    + "\n")
+def write_json(report: BenchReport, path: Path, meta: dict) -> None:
+    """``{"meta": ..., "rows": [{"budget": int, "step_time_ratio": float, ...}, ...]}``; meta
+    also holds ``floor_flops_ratio`` and ``total_experts`` (the file is a budget calibration:
+    ``budget.calibration``, hfedmoe.calibration)."""
+    meta = {**meta, "floor_flops_ratio": report.floor_flops_ratio,
+            "total_experts": report.total_experts}
+    path.write_text(json.dumps({"meta": meta, "rows": [asdict(r) for r in report.rows]},
+                               indent=2) + "\n")
+
+
+def calibration_of(report: BenchReport, meta: dict) -> Calibration:
+    """The budget calibration (hfedmoe.calibration) that ``report`` measured."""
+    return from_bench({**meta, "floor_flops_ratio": report.floor_flops_ratio,
+                       "total_experts": report.total_experts},
+                      [asdict(row) for row in report.rows])
+
+
+def format_profiles(calibration: Calibration, min_budget: int) -> str:
+    """The budget each preset device profile gets under ``calibration`` (one line)."""
+    parts = []
+    for name, profile in PRESETS.items():
+        try:
+            budget = str(calibration.budget_for(profile.memory_bytes, profile.relative_speed,
+                                                min_budget, name))
+        except CalibrationError:
+            budget = "does not fit"
+        parts.append(f"{name} (speed {profile.relative_speed:g}) -> {budget}")
+    return "budgets of the device profiles with this calibration: " + ", ".join(parts)
 
 
 def format_rows(rows: list[BenchRow]) -> str:

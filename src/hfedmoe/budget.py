@@ -8,7 +8,11 @@ batch. A budget is given per client either directly (an integer) or as a device 
     time:    C <= floor(relative_speed * total_experts)  when relative_speed < 1   (soft)
     C_budget = clip(min(C_memory, C_time, total_experts), min_budget, total_experts)
 
-Time model (our definition): the reference device (relative_speed = 1.0) can afford the backward
+With a calibration (``budget.calibration``, hfedmoe.calibration) both limits use figures
+measured on the model instead: the largest C whose measured peak memory fits, and within it
+the largest C whose measured step time, as a ratio to full training, is <= relative_speed.
+
+Time model without a calibration (our definition): the reference device (relative_speed = 1.0) can afford the backward
 work of every expert within a round's time; a device k times slower affords 1/k of it. Devices at
 speed >= 1 have no time limit. Memory is a hard limit (a profile that cannot hold ``min_budget``
 experts raises); time is soft (it never pushes C below ``min_budget``).
@@ -29,7 +33,10 @@ import math
 import re
 from dataclasses import dataclass, replace
 from types import MappingProxyType
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
+
+if TYPE_CHECKING:
+    from hfedmoe.calibration import Calibration
 
 GIB = 1024**3
 _UNITS = MappingProxyType({"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -236,13 +243,15 @@ def parse_budget_spec(spec: str) -> tuple[BudgetEntry, ...]:
 
 def resolve_budget(spec: str, client_id: int, node_spec: str | int | None = None, *,
                    total_experts: int, cost: ExpertCost | None = None, base_bytes: int = 0,
-                   min_budget: int = 1) -> int:
+                   min_budget: int = 1, calibration: "Calibration | None" = None) -> int:
     """C_budget(c) of client ``client_id`` - THE function through which budgets are resolved.
 
     ``spec``: the run's budget string (simulation); ``node_spec``: the SuperNode's node config
     value (deployment) - it wins when present and non-empty. Both use the spec syntax of this
     module; the entry ``client_id % len(entries)`` applies. Profiles go through
-    :func:`budget_from_profile` and then need ``cost`` and ``base_bytes``.
+    ``calibration`` (hfedmoe.calibration: step time and peak memory measured on the model)
+    when given, else through :func:`budget_from_profile`, which needs ``cost`` and
+    ``base_bytes``.
 
     A budget must lie in [``min_budget``, ``total_experts``]: a direct integer above the
     model's experts or any budget below ``min_budget`` (the model's top-k in practice: fewer
@@ -266,6 +275,9 @@ def resolve_budget(spec: str, client_id: int, node_spec: str | int | None = None
     if isinstance(entry, ExpertShare):
         return _at_least(entry.experts(total_experts), min_budget,
                          f"budget {entry.fraction:.0%} of {total_experts} experts")
+    if calibration is not None:
+        return calibration.budget_for(entry.memory_bytes, entry.relative_speed, min_budget,
+                                      entry.name)
     if cost is None:
         raise ValueError(f"budget spec '{chosen}': device profile '{entry.name}' needs a cost "
                          "model (ExpertCost) to become a budget")

@@ -187,7 +187,13 @@ def _compare(config, args: argparse.Namespace) -> int:
 def _bench_step(config, args: argparse.Namespace) -> int:
     import torch
 
-    from hfedmoe.bench import bench_step, format_rows, write_json
+    from hfedmoe.bench import (
+        bench_step,
+        calibration_of,
+        format_profiles,
+        format_rows,
+        write_json,
+    )
 
     try:
         budgets = [int(b) for b in args.budgets.split(",")]
@@ -195,18 +201,24 @@ def _bench_step(config, args: argparse.Namespace) -> int:
         raise ConfigError(f"--budgets '{args.budgets}': expected integers like 6,12,24") from None
     if args.steps < 1 or args.repeats < 1 or min(budgets) < 1:
         raise ConfigError("--steps, --repeats and every budget must be >= 1")
+    from hfedmoe.fingerprint import model_fingerprint
+
     torch.set_num_threads(config.simulation.client_cpus)
-    meta = {"model": config.model.name, "batch_size": config.train.batch_size,
+    meta = {"model": config.model.name, "model_fingerprint": model_fingerprint(config.model),
+            "batch_size": config.train.batch_size,
             "max_length": config.model.max_length, "steps": args.steps,
             "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
             "budget_mode": config.budget.mode}
     print(f"model {config.model.name}, batch {config.train.batch_size} x "
           f"{config.model.max_length} tokens, {args.steps} steps x {args.repeats} repeats, "
           f"{torch.get_num_threads()} torch threads, budget.mode {config.budget.mode}")
-    rows = bench_step(config, budgets, args.steps, args.repeats)
-    print(format_rows(rows))
+    report = bench_step(config, budgets, args.steps, args.repeats)
+    print(format_rows(report.rows))
+    print(f"floor: with no expert learning a step still costs {report.floor_flops_ratio:.2f}x "
+          f"of full training's FLOPs (forward, frozen attention and routers' backward)")
+    print(format_profiles(calibration_of(report, meta), report.min_budget))
     if args.json:
-        write_json(rows, Path(args.json), meta)
+        write_json(report, Path(args.json), meta)
     return 0
 
 

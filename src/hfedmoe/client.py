@@ -29,6 +29,7 @@ from typing import Mapping
 
 import torch
 
+from hfedmoe.calibration import Calibration
 from hfedmoe.config import RunConfig
 from hfedmoe.costs import client_budget
 from hfedmoe.data import (
@@ -172,18 +173,20 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
                      global_state: Mapping[str, torch.Tensor],
                      node_budget: str | int | None = None,
                      resources: ClientResources | None = None,
-                     personal: Mapping[str, torch.Tensor] | None = None) -> ClientRound:
+                     personal: Mapping[str, torch.Tensor] | None = None,
+                     calibration: Calibration | None = None) -> ClientRound:
     """Load the global state (then ``personal``, the client's stored personal state), train
     locally under this client's budget, return the upload and the personal state to keep.
 
     ``node_budget``: the SuperNode's ``budget`` node-config value (deployment); it wins over
-    the run config's ``budget.experts``.
+    the run config's ``budget.experts``. ``calibration``: the run's budget calibration (sent
+    by the server); device profiles then resolve through it.
     """
     resources = resources or ClientResources()
     data = resources.data(config, partition_id)
     adapter = resources.model(config, data.num_labels)
     params = _load(adapter, config, global_state, personal or {})
-    budget = client_budget(adapter, config, partition_id, node_budget)
+    budget = client_budget(adapter, config, partition_id, node_budget, calibration)
     method = method_for(config)
     seed = round_seed(config.seed, server_round, partition_id)
     settings = local_settings(config, seed)

@@ -235,6 +235,7 @@ class BudgetConfig:
     per_layer: int  # 0 = no per-layer cap
     mode: str  # "one-pass" or "recompute": how budgeted experts run (hfedmoe.model.sparse_experts)
     optimizer_state: str  # "batch" or "round": whose AdamW moments a client keeps (training)
+    calibration: str  # "" or a `hfedmoe bench step --json` file (hfedmoe.calibration)
 
     def __post_init__(self) -> None:
         from hfedmoe.budget import parse_budget_spec

@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from hfedmoe.budget import ExpertCost, expert_cost, resolve_budget
+from hfedmoe.calibration import Calibration
 from hfedmoe.config import RunConfig
 from hfedmoe.measurement import tensor_bytes
 from hfedmoe.model.adapter import MoEAdapter
@@ -47,11 +48,14 @@ def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, 
 
 
 def client_budget(adapter: MoEAdapter, config: RunConfig, client_id: int,
-                  node_budget: str | int | None = None) -> int:
+                  node_budget: str | int | None = None,
+                  calibration: Calibration | None = None) -> int:
     """C_budget of ``client_id``: from its node config (deployment) or the run config; at
-    least the model's top-k (see hfedmoe.budget.resolve_budget)."""
+    least the model's top-k (see hfedmoe.budget.resolve_budget). Device profiles go through
+    ``calibration`` (the run's ``budget.calibration``) when given, else the estimate above."""
     cost, base = training_costs(adapter, config)
     geometry = adapter.geometry
     return resolve_budget(config.budget.experts, client_id, node_budget,
                           total_experts=geometry.total_experts, cost=cost, base_bytes=base,
-                          min_budget=min(geometry.top_k, geometry.total_experts))
+                          min_budget=min(geometry.top_k, geometry.total_experts),
+                          calibration=calibration)

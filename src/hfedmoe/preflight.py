@@ -10,8 +10,10 @@ directory (``hfedmoe.run_dir``, ``hfedmoe.federation.server_app``).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
+from hfedmoe.calibration import Calibration, CalibrationError, load_calibration
 from hfedmoe.client import build_model
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.costs import client_budget
@@ -32,7 +34,8 @@ class PreparedRun:
     adapter: MoEAdapter  # the global model, initial weights
     client_sizes: list[int]  # training examples per client: the bound of its num-examples
     budgets: list[int]  # C_budget per client from the run config
-    inputs: dict[str, str]  # hfedmoe.fingerprint.input_fingerprints
+    inputs: dict[str, str]  # hfedmoe.fingerprint.input_fingerprints (+ "calibration")
+    calibration: Calibration | None = None  # budget.calibration, checked against the model
 
 
 def prepare_run(config: RunConfig) -> PreparedRun:
@@ -46,15 +49,39 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     test_set = tokenize(corpus.test, tokenizer, config.model.max_length)
     sizes = [train for train, _ in client_split_sizes(corpus.train.labels, config.data,
                                                       config.seed, corpus.label_names)]
-    budgets = [_budget(config, adapter, client_id) for client_id in range(config.data.num_clients)]
+    inputs = input_fingerprints(corpus, config.model)
+    calibration = _calibration(config, adapter, inputs["model"])
+    if calibration is not None:
+        inputs["calibration"] = hashlib.sha256(calibration.to_json().encode()).hexdigest()
+    budgets = [_budget(config, adapter, client_id, calibration)
+               for client_id in range(config.data.num_clients)]
     check_someone_trains(config, adapter, budgets)
-    return PreparedRun(corpus, test_set, adapter, sizes, budgets,
-                       input_fingerprints(corpus, config.model))
+    return PreparedRun(corpus, test_set, adapter, sizes, budgets, inputs, calibration)
 
 
-def _budget(config: RunConfig, adapter: MoEAdapter, client_id: int) -> int:
+def _calibration(config: RunConfig, adapter: MoEAdapter, model_fingerprint: str
+                 ) -> Calibration | None:
+    """``budget.calibration`` read and checked against the run (ConfigError, one line)."""
+    if not config.budget.calibration:
+        return None
+    key = "config key 'budget.calibration'"
     try:
-        return client_budget(adapter, config, client_id)
+        calibration = load_calibration(config.budget.calibration)
+    except CalibrationError as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    try:
+        calibration.check_fits(model_fingerprint, config.train.batch_size,
+                               config.model.max_length, config.budget.mode,
+                               adapter.geometry.total_experts)
+    except CalibrationError as exc:
+        raise ConfigError(f"{key}: {config.budget.calibration}: {exc}") from None
+    return calibration
+
+
+def _budget(config: RunConfig, adapter: MoEAdapter, client_id: int,
+            calibration: Calibration | None) -> int:
+    try:
+        return client_budget(adapter, config, client_id, calibration=calibration)
     except ValueError as exc:
         raise ConfigError(f"config key 'budget.experts' = {config.budget.experts!r}: "
                           f"client {client_id}: {exc}") from None

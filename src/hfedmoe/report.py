@@ -4,6 +4,7 @@ A run directory holds::
 
     config.toml     the resolved RunConfig; `hfedmoe run --config <dir>/config.toml` repeats it
     inputs.json     fingerprints of the data and the model (hfedmoe.fingerprint)
+    calibration.json  the budget calibration the run used (budget.calibration; absent if none)
     metrics.jsonl   one round record per line, appended (flush + fsync) as rounds complete
     summary.json    :func:`build_summary` of all records, written by :meth:`RunRecorder.finish`
     accuracy.png    test accuracy per round
@@ -58,6 +59,7 @@ ACCURACY_PLOT = "accuracy.png"
 LOSS_PLOT = "loss.png"
 EXPERTS_PLOT = "experts.png"
 INPUTS_FILE = "inputs.json"  # hfedmoe.fingerprint.input_fingerprints of the run
+CALIBRATION_FILE = "calibration.json"  # the budget calibration a run used
 
 RECORD_KEYS = ("round", "accuracy", "loss", "train_loss", "bytes_up", "bytes_down",
                "round_seconds", "elapsed_seconds", "clients", "failures")
@@ -79,7 +81,8 @@ class RunRecorder:
 
     def __init__(self, out_dir: Path, config: RunConfig,
                  records: Sequence[Mapping[str, Any]] = (),
-                 inputs: Mapping[str, str] | None = None) -> None:
+                 inputs: Mapping[str, str] | None = None,
+                 calibration_json: str | None = None) -> None:
         self.out_dir = Path(out_dir)
         self.config = config
         self._records: list[dict[str, Any]] = [dict(r) for r in records]
@@ -88,6 +91,9 @@ class RunRecorder:
         _write_atomic(self.out_dir / CONFIG_FILE, config_to_toml(config))
         if inputs is not None:  # hfedmoe.fingerprint: what reuse and resume are keyed on
             _write_atomic(self.out_dir / INPUTS_FILE, json.dumps(dict(inputs), indent=2) + "\n")
+        if calibration_json is not None:  # hfedmoe.calibration: how profiles became budgets
+            _write_atomic(self.out_dir / CALIBRATION_FILE,
+                          json.dumps(json.loads(calibration_json), indent=2) + "\n")
         _write_atomic(self.out_dir / METRICS_FILE, "".join(
             json.dumps(r, default=_json_default) + "\n" for r in self._records))
 

@@ -21,9 +21,16 @@ def test_bench_step_writes_measured_rows_within_each_budget(tmp_path, capsys, mo
     assert code == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("model tiny:qwen2_moe, batch 8 x 64 tokens, 2 steps x 1 repeats")
-    rows = json.loads(out.read_text())["rows"]
+    written = json.loads(out.read_text())
+    rows, meta = written["rows"], written["meta"]
     assert [r["budget"] for r in rows] == [TOTAL, 2, 4, 8, TOTAL]
-    assert len(lines) == 3 + len(rows)  # the table printed is the rows written
+    assert len(lines) == 5 + len(rows)  # the table printed is the rows written, + 2 lines
+    assert meta["total_experts"] == TOTAL and len(meta["model_fingerprint"]) == 64
+    # the floor (no expert learns) lies below every budget's step FLOPs
+    assert 0 < meta["floor_flops_ratio"] < min(r["ideal_ratio"] for r in rows[1:])
+    assert lines[-1].startswith("budgets of the device profiles with this calibration: phone")
+    assert lines[-2].startswith(f"floor: with no expert learning a step still costs "
+                                f"{meta['floor_flops_ratio']:.2f}x")
     full, *budgeted = rows
     for key in ("step_time_ratio", "peak_memory_ratio", "backward_flops_ratio", "ideal_ratio",
                 "trainable_state_ratio", "active_slot_share"):
@@ -44,3 +51,35 @@ def test_bench_step_writes_measured_rows_within_each_budget(tmp_path, capsys, mo
             assert abs(row["expert_backward_flops_ratio"] - row["active_slot_share"]) < 0.05
     else:  # recompute: the active experts' forward runs again in the backward
         assert all(r["expert_backward_flops_ratio"] > r["active_slot_share"] for r in small)
+
+
+def test_a_run_takes_device_budgets_from_a_bench_calibration(tmp_path, capsys):
+    """bench --json is a calibration: a run given it resolves device profiles through the
+    measured figures, sends them to its clients, stores them, and refuses another shape."""
+    from hfedmoe.calibration import load_calibration
+
+    cal_file = tmp_path / "bench.json"
+    tiny = ["--config", str(ROOT / "conf/tiny.toml")]
+    assert main(["bench", "step", *tiny, "--budgets", "2,4,8", "--steps", "2",
+                 "--repeats", "1", "--json", str(cal_file)]) == 0
+    calibration = load_calibration(cal_file)
+    memory = calibration.peak_memory_bytes(8)
+    expected = calibration.budget_for(memory, 1.0, min_budget=2)
+    assert 8 <= expected <= TOTAL
+    out = tmp_path / "run"
+    run = ["run", *tiny, "--set", f"budget.calibration={cal_file}", "--set",
+           f"budget.experts=mem={memory}B:speed=1.0,2", "--set", "num-server-rounds=1",
+           "--set", "checkpoint.every=0"]
+    assert main([*run, "--out", str(out)]) == 0
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    budgets = {c["client_id"]: c["budget_experts"] for c in record["clients"]}
+    assert budgets == {0: expected, 1: 2, 2: expected}
+    assert load_calibration(out / "calibration.json") == calibration
+    assert "calibration" in json.loads((out / "inputs.json").read_text())
+    capsys.readouterr()
+    assert main([*run, "--out", str(tmp_path / "other"), "--set", "train.batch-size=4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"hfedmoe: error: config key 'budget.calibration': "
+                   f"{cal_file}: the calibration was measured with train.batch-size 8, "
+                   f"the run has 4; measure it again with `hfedmoe bench step --json` on "
+                   f"this run's settings"]

@@ -63,7 +63,8 @@ def make_client_app() -> ClientApp:
         outcome = run_client_round(config, partition_id, instruction.server_round,
                                    instruction.global_state, context.node_config.get("budget"),
                                    process_resources(),
-                                   personal_state(context, store, instruction.server_round - 1))
+                                   personal_state(context, store, instruction.server_round - 1),
+                                   instruction.calibration)
         records.store_personal_state(context.state, outcome.personal)
         if store is not None and outcome.personal:
             store.save(instruction.server_round, outcome.personal)

@@ -6,7 +6,8 @@ Train instruction (server -> client), message type ``train``:
                                configuration as JSON, parsed again by hfedmoe.config),
                                ``lineage`` (names the run across resumptions; "" = none:
                                the client keeps no personal state on disk,
-                               hfedmoe.personal_store)
+                               hfedmoe.personal_store), ``calibration`` (the run's
+                               budget calibration as JSON, hfedmoe.calibration; "" = none)
 Train reply (client -> server):
   ``"update"``  ArrayRecord  - the tensors the client uploads (any subset of the global keys)
   ``"metrics"`` MetricRecord - ``num-examples``, ``client-id``, ``train-loss``,
@@ -47,6 +48,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hfedmoe.aggregation import ClientUpdate
+from hfedmoe.calibration import Calibration
 from hfedmoe.training import LocalTrainingResult
 from hfedmoe.validation import check_tensors
 
@@ -79,14 +81,16 @@ class TrainInstruction:
     run_config: dict  # flat resolved configuration
     global_state: dict[str, torch.Tensor]
     lineage: str = ""  # the run across resumptions ("": no personal state on disk)
+    calibration: Calibration | None = None  # budgets measured on the model (budget.calibration)
 
 
 def train_instruction(server_round: int, flat_config: Mapping, global_arrays: ArrayRecord,
-                      lineage: str = "") -> RecordDict:
+                      lineage: str = "", calibration: Calibration | None = None) -> RecordDict:
     config = ConfigRecord({
         "server-round": server_round,
         "run-config": json.dumps(dict(flat_config), sort_keys=True),
         "lineage": lineage,
+        "calibration": calibration.to_json() if calibration is not None else "",
     })
     return RecordDict({GLOBAL: global_arrays, PLAN: config})
 
@@ -98,6 +102,8 @@ def parse_train_instruction(content: RecordDict) -> TrainInstruction:
         run_config=json.loads(str(plan["run-config"])),
         global_state=from_array_record(content.array_records[GLOBAL]),
         lineage=str(plan.get("lineage", "")),
+        calibration=(Calibration.from_mapping(json.loads(str(plan["calibration"])))
+                     if plan.get("calibration") else None),
     )
 
 

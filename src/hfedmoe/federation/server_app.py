@@ -87,8 +87,10 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
         log.warning("data: %s", note)
     params = set_trainable(adapter, config.model.trainable_non_expert)
     initial = records.to_array_record(resumed.global_state if resumed else read_state(params))
+    calibration = prepared.calibration
     recorder = RunRecorder(Path(config.out), config, resumed.records if resumed else (),
-                           inputs=prepared.inputs)
+                           inputs=prepared.inputs,
+                           calibration_json=calibration.to_json() if calibration else None)
     earlier_seconds = resumed.elapsed_seconds if resumed else 0.0
     # names this run and its resumptions for the clients' personal state on disk
     lineage = (resumed.strategy_state.get("lineage") if resumed else None) or uuid.uuid4().hex
@@ -99,7 +101,8 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
         book = RoundBook(recorder, display)
         book.resume_after(earlier_seconds)
         strategy = PlannedStrategy(config, method_for(config), adapter.geometry, book,
-                                   client_sizes=client_sizes, lineage=lineage)
+                                   client_sizes=client_sizes, lineage=lineage,
+                                   calibration=calibration)
 
         def evaluate_global(server_round: int, arrays) -> MetricRecord:
             write_state(params, records.from_array_record(arrays))

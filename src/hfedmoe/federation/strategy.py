@@ -18,6 +18,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from hfedmoe import validation
+from hfedmoe.calibration import Calibration
 from hfedmoe.aggregation import ClientUpdate
 from hfedmoe.config import RunConfig
 from hfedmoe.federation import records
@@ -64,8 +65,9 @@ UNREACHABLE_KINDS = frozenset({"message-unavailable", "node-unavailable", "crash
 class PlannedStrategy(Strategy):
     def __init__(self, config: RunConfig, method: Method, geometry: MoEGeometry,
                  book: RoundBook, client_sizes: Sequence[int] | None = None,
-                 lineage: str = "") -> None:
+                 lineage: str = "", calibration: Calibration | None = None) -> None:
         self._config, self._method, self._geometry, self._book = config, method, geometry, book
+        self._calibration = calibration  # sent to clients: profiles -> budgets (measured)
         self._lineage = lineage  # sent to clients: their personal state on disk (resume)
         self._client_sizes = client_sizes  # training examples per client id (reply bound)
         self._flat_config = config.to_flat()
@@ -104,7 +106,8 @@ class PlannedStrategy(Strategy):
                         ) -> RecordDict:
         """The train instruction of one node: the extension point for per-client plans (each
         node gets its own message; ``self.client_of`` maps nodes seen before to client ids)."""
-        return records.train_instruction(server_round, self._flat_config, arrays, self._lineage)
+        return records.train_instruction(server_round, self._flat_config, arrays, self._lineage,
+                                         self._calibration)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
