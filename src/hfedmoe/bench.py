@@ -9,7 +9,9 @@ them alike; a number of repeats that is a multiple of the configurations balance
 to full training measured in the same run:
 
 - ``step_time_ratio``: median over repeats of the mean step time;
-- ``peak_memory_ratio``: peak training memory (hfedmoe.measurement; an estimate on CPU);
+- ``peak_memory_ratio``: peak training memory as the allocator measured it
+  (hfedmoe.measurement.AllocatorPeak: on CPU one steady-state step of each repeat profiled,
+  the largest over repeats); ``peak_memory_estimate_ratio``: the tensor-accounting estimate;
 - ``backward_flops_ratio``: exact backward FLOPs of one counted step on the same batch
   (torch's FLOP counter, :func:`hfedmoe.measurement.flop_counter`);
 - ``active_slot_share``: the share of the batch's routed token-slots that go to experts that
@@ -45,6 +47,7 @@ from hfedmoe.model.state import read_state, set_trainable, write_state
 from hfedmoe.strategies import method_for
 from hfedmoe.training import (
     OnlineSelector,
+    make_optimizer,
     train_locally,
     trace_counts,
     trains_every_routed_expert,
@@ -57,11 +60,13 @@ class BenchRow:
     budget: int  # C_budget (total experts for full training)
     max_active_experts_per_batch: int  # measured
     step_seconds: float  # median over repeats of the mean step time
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # measured (allocator)
+    peak_memory_estimate_bytes: int  # tensor accounting (hfedmoe.measurement)
     backward_flops: int  # one counted step
     active_slot_share: float  # routed token-slots of experts that learn / all routed slots
     step_time_ratio: float  # to full training
     peak_memory_ratio: float
+    peak_memory_estimate_ratio: float
     backward_flops_ratio: float
     expert_backward_flops_ratio: float
     ideal_ratio: float
@@ -118,19 +123,22 @@ def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) 
     full_results = samples["full training"]
     full_time = statistics.median(r.mean_step_seconds for r in full_results)
     full_memory = max(r.peak_memory_bytes for r in full_results)
+    full_estimate = max(r.peak_memory_estimate_bytes for r in full_results)
     expert_full = full.backward_flops - none.backward_flops
     rows = []
     for label, budget, _ in modes:
         results, count = samples[label], counts[label]
         seconds = statistics.median(r.mean_step_seconds for r in results)
         memory = max(r.peak_memory_bytes for r in results)
+        estimate = max(r.peak_memory_estimate_bytes for r in results)
         ideal = ((full.forward_flops + none.backward_flops
                   + count.active_slot_share * expert_full)
                  / (full.forward_flops + full.backward_flops))
         rows.append(BenchRow(
             label, budget, max(r.max_active_experts_per_batch for r in results), seconds, memory,
-            count.backward_flops, count.active_slot_share, seconds / full_time,
-            memory / full_memory, count.backward_flops / full.backward_flops,
+            estimate, count.backward_flops, count.active_slot_share, seconds / full_time,
+            memory / full_memory, estimate / full_estimate,
+            count.backward_flops / full.backward_flops,
             (count.backward_flops - none.backward_flops) / expert_full if expert_full else 1.0,
             ideal, count.trainable_state_bytes / full.trainable_state_bytes))
     floor = ((full.forward_flops + none.backward_flops)
@@ -147,7 +155,7 @@ def count_step(adapter: MoEAdapter, trainable: list[torch.nn.Parameter],
     ``budget`` 0: no expert learns, whatever the selector (one pass)."""
     model, geometry = adapter.model, adapter.geometry
     mask = batch["attention_mask"]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-4)
+    optimizer = make_optimizer(trainable, lr=1e-4)
     plain = trains_every_routed_expert(selector)
     nobody = torch.zeros(geometry.num_experts, dtype=torch.bool)
     model.train()
@@ -216,12 +224,12 @@ def format_profiles(calibration: Calibration, min_budget: int) -> str:
 def format_rows(rows: list[BenchRow]) -> str:
     header = (f"{'configuration':<22}{'budget':>7}{'active':>7}{'step s':>8}{'x full':>7}"
               f"{'ideal':>7}{'bwd FLOPs':>10}{'slots':>7}{'peak MiB':>9}{'x full':>7}"
-              f"{'state':>7}")
+              f"{'estim.':>7}{'state':>7}")
     lines = [header, "-" * len(header)]
     for row in rows:
         lines.append(f"{row.label:<22}{row.budget:>7}{row.max_active_experts_per_batch:>7}"
                      f"{row.step_seconds:>8.3f}{row.step_time_ratio:>7.2f}{row.ideal_ratio:>7.2f}"
                      f"{row.backward_flops_ratio:>10.2f}{row.active_slot_share:>7.2f}"
                      f"{row.peak_memory_bytes / 2**20:>9.1f}{row.peak_memory_ratio:>7.2f}"
-                     f"{row.trainable_state_ratio:>7.2f}")
+                     f"{row.peak_memory_estimate_ratio:>7.2f}{row.trainable_state_ratio:>7.2f}")
     return "\n".join(lines)

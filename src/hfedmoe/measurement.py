@@ -1,7 +1,16 @@
-"""Measured training costs: saved-activation bytes, gradient and optimizer-state bytes.
+"""Measured training costs: allocator peaks, saved-activation bytes, gradient and
+optimizer-state bytes.
 
-On CPU, torch keeps no allocator statistics, and a process's peak RSS mixes every client a
-Ray worker ever ran. We therefore measure training memory from the tensors themselves:
+Peak training memory, two ways:
+
+* **measured** (:class:`AllocatorPeak`): on CUDA the allocator's peak
+  (``torch.cuda.max_memory_allocated``, reset at the start of each client's training); on CPU,
+  where torch keeps no allocator statistics (and a process's peak RSS mixes every client a Ray
+  worker ever ran), the CPU allocator's own allocation and free events recorded by the PyTorch
+  profiler (``profile_memory=True``): the bytes resident when the block starts (parameters,
+  gradients, optimizer state, counted exactly) plus the largest running sum of the block's
+  allocations minus frees, backward temporaries and optimizer updates included;
+* **estimate** (the tensor accounting below, cheap enough for every step of every client):
 
     peak_memory_bytes = parameter bytes + max over steps of the gradient bytes
                         + max over steps of the optimizer-state bytes (after each step)
@@ -10,14 +19,13 @@ Ray worker ever ran. We therefore measure training memory from the tensors thems
 Saved-for-backward bytes are counted with ``torch.autograd.graph.saved_tensors_hooks``,
 deduplicated by storage and without the parameters' own storage (views of weights included),
 so an inactive expert (no grad) contributes nothing and a deferred one only its input tokens.
-This is an ESTIMATE: allocations made during the backward itself (gradient buffers before they
-are accumulated, temporaries) are not counted. On CUDA, the allocator's peak
-(``torch.cuda.max_memory_allocated``, reset at the start of each client's training) is
-reported instead.
+It misses allocations made during the backward itself (gradient buffers before they are
+accumulated, temporaries) and the optimizer's temporaries; `hfedmoe bench step` reports both.
 """
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Iterable, Iterator
 
@@ -53,6 +61,57 @@ class SavedActivationMeter:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             yield
         self.peak_bytes = max(self.peak_bytes, total[0])
+
+
+class AllocatorPeak:
+    """Peak bytes held while the ``with`` block runs, as the allocator saw them.
+
+    ``resident_bytes``: what exists when the block starts and stays (the caller counts it
+    exactly: parameters, gradients, optimizer state). On CPU the block runs under the PyTorch
+    profiler with memory events (slower: use it on measured steps, not timed ones); on CUDA the
+    allocator's own peak of the block is read. ``peak_bytes`` holds the result after the block.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", resident_bytes: int = 0) -> None:
+        self.device = torch.device(device)
+        self.resident_bytes = resident_bytes
+        self.peak_bytes = 0
+        self._profile = None
+
+    def __enter__(self) -> "AllocatorPeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            os.environ.setdefault("KINETO_LOG_LEVEL", "10")  # no stage lines per profile
+            self._profile = torch.profiler.profile(
+                activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            growth = torch.cuda.max_memory_allocated(self.device) - self._start
+        else:
+            self._profile.__exit__(*exc_info)
+            growth = _largest_running_sum(self._profile)
+            self._profile = None
+        self.peak_bytes = self.resident_bytes + max(0, growth)
+
+
+def _largest_running_sum(profile: "torch.profiler.profile") -> int:
+    """The largest running sum of the CPU allocator's events (bytes: + allocated, - freed) in
+    time order; frees of blocks allocated before the profile make the sum dip below zero,
+    which the maximum ignores."""
+    events = [(e.start_ns(), e.nbytes()) for e in profile.profiler.kineto_results.events()
+              if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU]
+    running = peak = 0
+    for _, nbytes in sorted(events):
+        running += nbytes
+        peak = max(peak, running)
+    return peak
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:

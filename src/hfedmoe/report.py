@@ -25,7 +25,9 @@ The round record (produced by the federation code, one per evaluated round)::
         {"client_id": int, "num_examples": int, "train_loss": float,
          "budget_experts": int,                 # C_budget(c) the client trained under
          "max_active_experts_per_batch": int,   # max experts with gradient in one batch
-         "peak_memory_bytes": int, "mean_step_seconds": float,
+         "peak_memory_bytes": int,              # measured: the allocator (one step on CPU)
+         "peak_memory_estimate_bytes": int,     # tensor accounting, max over steps
+         "mean_step_seconds": float,
          "bytes_up": int, "bytes_down": int}],
      "failures": [{"client_id": int, "reason": str}],   # replies lost or rejected
      # personalised evaluation (rounds >= 1 when data.client-test-fraction > 0; else None/absent):

@@ -29,6 +29,10 @@ OFFLINE_ENV = {
     "TOKENIZERS_PARALLELISM": "false",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",  # no "Loading weights" bar per client and round
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # the CPU memory measurement (hfedmoe.measurement.AllocatorPeak) runs torch's profiler:
+    # without these, every profiled step prints kineto's stage lines and c10 a warning
+    "KINETO_LOG_LEVEL": "10",
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
 }
 
 

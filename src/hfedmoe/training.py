@@ -12,7 +12,7 @@ actually received a gradient in each batch, the step time, and training memory.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from hfedmoe.data.tokenize import TokenizedSet, batches, eval_batches
 from hfedmoe.measurement import (
+    AllocatorPeak,
     SavedActivationMeter,
     gradient_bytes,
     optimizer_state_bytes,
@@ -70,13 +71,15 @@ class LocalTrainingResult:
     usage: torch.Tensor  # (L, S) u_c(e): mean router probability per sample (Eq. 16)
     importance: torch.Tensor | None  # (L, S) s^c(e): batch importance averaged over the round
     max_active_experts_per_batch: int  # max over batches of experts with a gradient
-    peak_memory_bytes: int  # see hfedmoe.measurement
+    peak_memory_bytes: int  # measured by the allocator (hfedmoe.measurement.AllocatorPeak)
     mean_step_seconds: float
     local_steps: int = 0  # optimizer steps run (0: the client sat the round out)
     max_experts_with_optimizer_state: int = 0  # measured after every step (budget.optimizer-state)
     # one-pass selection against the exact Eq. 15 set, round means (None: not one-pass):
     selection_overlap: float | None = None  # |chosen ∩ exact| / |exact|
     selection_share: float | None = None  # sum I_b(chosen) / sum I_b(exact)
+    # tensor accounting, max over steps (hfedmoe.measurement; 0: not computed)
+    peak_memory_estimate_bytes: int = 0
 
 
 def skipped_round(num_examples: int, num_layers: int, num_experts: int) -> LocalTrainingResult:
@@ -198,10 +201,14 @@ def train_locally(
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(settings.seed)
     torch.manual_seed(settings.seed)  # dropout
-    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    optimizer = make_optimizer(trainable, settings.lr, settings.weight_decay)
     meter = SavedActivationMeter(model.parameters())
     if device.type == "cuda":  # the allocator's peak of this client's training, not the process's
         torch.cuda.reset_peak_memory_stats(device)
+    # CPU: the allocator's events of one step in steady state (the second: the optimizer
+    # state of the first exists), profiled outside the timed steps (profiling costs ~20%)
+    measured_step = min(1, settings.local_steps - 1)
+    measured_peak = 0
     stream: Iterator[dict[str, torch.Tensor]] = batches(data, settings.batch_size, generator)
     trained = torch.zeros(geometry.num_layers, geometry.num_experts, dtype=torch.bool)
     usage_sum = torch.zeros(geometry.num_layers, geometry.num_experts)
@@ -210,43 +217,49 @@ def train_locally(
     max_with_state = 0  # experts holding AdamW state after a step, max over steps
     closeness: list[tuple[float, float]] = []  # one-pass: (overlap, share) per batch
     model.train()
-    for _ in range(settings.local_steps):
+    for step in range(settings.local_steps):
         batch = _to_device(next(stream), device)
         mask = batch["attention_mask"]
+        allocator = (AllocatorPeak(device, _resident_bytes(model, trainable, optimizer))
+                     if step == measured_step and device.type == "cpu" else None)
         start = time.perf_counter()
-        with ExitStack() as stack:
-            stack.enter_context(meter.measure())
-            trace = stack.enter_context(adapter.trace_routing())
-            plan = None
-            if online:
-                plan = stack.enter_context(adapter.budgeted_experts(
-                    selector.layer_chooser(trace, mask)))
-            elif not plain:
-                plan = stack.enter_context(adapter.deferred_expert_backward())
-            logits = model(batch["input_ids"], mask)  # (B, C)
-            task_loss = F.cross_entropy(logits, batch["labels"])
-            loss = task_loss
-            if settings.aux_loss_coef > 0:
-                aux = load_balancing_loss(trace, mask, geometry.num_experts)
-                loss = loss + settings.aux_loss_coef * aux
-            if selector is not None:
-                selection = selector(trace, mask)
-                importance_sum += selection.importance.cpu()
+        with allocator or nullcontext():
+            with ExitStack() as stack:
+                stack.enter_context(meter.measure())
+                trace = stack.enter_context(adapter.trace_routing())
+                plan = None
                 if online:
-                    chosen = plan.active(geometry.num_layers, geometry.num_experts)
-                    closeness.append(selection_closeness(chosen, selection.active.cpu(),
-                                                         selection.score.cpu()))
-                    selector.observe(selection)
+                    plan = stack.enter_context(adapter.budgeted_experts(
+                        selector.layer_chooser(trace, mask)))
                 elif not plain:
-                    plan.active = selection.active
-        loss.backward()
-        active_now = _experts_with_gradient(adapter)  # measured, not planned
-        peak_grad = max(peak_grad, gradient_bytes(trainable))
-        if settings.optimizer_state == "batch" and not plain:  # before the step: never > C
-            drop_idle_expert_state(optimizer, adapter, active_now)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step_seconds.append(time.perf_counter() - start)
+                    plan = stack.enter_context(adapter.deferred_expert_backward())
+                logits = model(batch["input_ids"], mask)  # (B, C)
+                task_loss = F.cross_entropy(logits, batch["labels"])
+                loss = task_loss
+                if settings.aux_loss_coef > 0:
+                    aux = load_balancing_loss(trace, mask, geometry.num_experts)
+                    loss = loss + settings.aux_loss_coef * aux
+                if selector is not None:
+                    selection = selector(trace, mask)
+                    importance_sum += selection.importance.cpu()
+                    if online:
+                        chosen = plan.active(geometry.num_layers, geometry.num_experts)
+                        closeness.append(selection_closeness(chosen, selection.active.cpu(),
+                                                             selection.score.cpu()))
+                        selector.observe(selection)
+                    elif not plain:
+                        plan.active = selection.active
+            loss.backward()
+            active_now = _experts_with_gradient(adapter)  # measured, not planned
+            peak_grad = max(peak_grad, gradient_bytes(trainable))
+            if settings.optimizer_state == "batch" and not plain:  # before the step: never > C
+                drop_idle_expert_state(optimizer, adapter, active_now)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if allocator is None or settings.local_steps == 1:  # profiled steps are not timed
+            step_seconds.append(time.perf_counter() - start)
+        if allocator is not None:
+            measured_peak = allocator.peak_bytes
         peak_state = max(peak_state, optimizer_state_bytes(optimizer))  # measured, not timed
         max_with_state = max(max_with_state, experts_with_optimizer_state(optimizer, adapter))
         trained |= active_now
@@ -257,9 +270,9 @@ def train_locally(
         losses.append(float(task_loss.detach()))
     model.eval()
     params = list(model.parameters())
-    memory = tensor_bytes(params) + peak_grad + peak_state + meter.peak_bytes
-    if device.type == "cuda":
-        memory = torch.cuda.max_memory_allocated(device)
+    estimate = tensor_bytes(params) + peak_grad + peak_state + meter.peak_bytes
+    memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+              else measured_peak)
     return LocalTrainingResult(
         num_examples=len(data),
         train_loss=sum(losses) / len(losses),
@@ -273,7 +286,25 @@ def train_locally(
         max_experts_with_optimizer_state=max_with_state,
         selection_overlap=_mean([c[0] for c in closeness]),
         selection_share=_mean([c[1] for c in closeness]),
+        peak_memory_estimate_bytes=int(estimate),
     )
+
+
+def make_optimizer(trainable: list[torch.nn.Parameter], lr: float, weight_decay: float = 0.0
+                   ) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel over all parameters with a gradient, no per-tensor temporaries
+    of the moments' size) on the devices whose fused kernel torch has (CPU, CUDA); a
+    parameter without a gradient is skipped, as by the default implementation."""
+    device = trainable[0].device.type if trainable else "cpu"
+    return torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay,
+                             fused=device in ("cpu", "cuda"))
+
+
+def _resident_bytes(model: torch.nn.Module, trainable: list[torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of training state held between steps: parameters, gradients, optimizer state."""
+    return (tensor_bytes(model.parameters()) + gradient_bytes(trainable)
+            + optimizer_state_bytes(optimizer))
 
 
 def _mean(values: list[float]) -> float | None:

@@ -51,7 +51,8 @@ if TYPE_CHECKING:
     from hfedmoe.config import RunConfig
 
 INTEGER_METRICS = ("num-examples", "client-id", "budget-experts",
-                   "max-active-experts-per-batch", "peak-memory-bytes", "local-steps")
+                   "max-active-experts-per-batch", "peak-memory-bytes",
+                   "peak-memory-estimate-bytes", "local-steps")
 ROW_SUM_TOLERANCE = 1e-3  # |sum_e u_c(e) - 1| of one layer (float32 means of probabilities)
 
 

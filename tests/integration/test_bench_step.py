@@ -32,7 +32,8 @@ def test_bench_step_writes_measured_rows_within_each_budget(tmp_path, capsys, mo
     assert lines[-2].startswith(f"floor: with no expert learning a step still costs "
                                 f"{meta['floor_flops_ratio']:.2f}x")
     full, *budgeted = rows
-    for key in ("step_time_ratio", "peak_memory_ratio", "backward_flops_ratio", "ideal_ratio",
+    for key in ("step_time_ratio", "peak_memory_ratio", "peak_memory_estimate_ratio",
+                "backward_flops_ratio", "ideal_ratio",
                 "trainable_state_ratio", "active_slot_share"):
         assert full[key] == 1.0, key
     assert budgeted[-1]["backward_flops_ratio"] == 1.0  # a full budget trains the plain way
@@ -47,6 +48,7 @@ def test_bench_step_writes_measured_rows_within_each_budget(tmp_path, capsys, mo
     flops = [r["backward_flops_ratio"] for r in small]
     if mode == "one-pass":  # the expert backward shrinks with the budget
         assert flops[0] < flops[1] < flops[2] < 1
+        assert small[0]["peak_memory_ratio"] < 1  # as the allocator measured it
         for row in small:  # and follows the learning experts' share of the routed slots
             assert abs(row["expert_backward_flops_ratio"] - row["active_slot_share"]) < 0.05
     else:  # recompute: the active experts' forward runs again in the backward

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from hfedmoe.measurement import SavedActivationMeter, flop_counter
+from hfedmoe.measurement import AllocatorPeak, SavedActivationMeter, flop_counter
 
 
 def test_saved_activations_count_inputs_and_outputs_but_not_weights_or_their_views():
@@ -33,3 +33,43 @@ def test_flop_count_of_matmuls_and_grouped_matmuls_forward_and_backward():
         z.backward(torch.randn(15, 10))
     # z: grad of y only (the right factor needs none); y: grads of x and of the weights
     assert backward.total == 2 * 15 * 10 * 64 + 2 * (2 * 15 * 32 * 64)
+
+
+MIB = 2**20
+
+
+def test_allocator_peak_follows_allocations_and_frees_in_order():
+    before = torch.empty(MIB // 4)  # allocated before: its free only lowers the running sum
+    with AllocatorPeak("cpu", resident_bytes=7) as meter:
+        a = torch.empty(MIB // 4)  # 1 MiB
+        b = torch.empty(MIB // 2)  # 2 MiB: 3 MiB held
+        del a, before  # 1 MiB of this block and 1 MiB from before are freed
+        c = torch.empty(MIB // 8)  # 0.5 MiB: 2.5 MiB of this block held, below the peak
+    assert meter.peak_bytes == 7 + 3 * MIB
+    del b, c
+
+
+def test_allocator_peak_of_a_step_counts_what_the_tensor_estimate_misses():
+    """One training step of a 2-layer MLP: the allocator sees the saved activations (the
+    estimate's part), the backward's gradient buffers and the optimizer's moments."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(),
+                                torch.nn.Linear(512, 8))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x, y = torch.randn(1024, 256), torch.randint(0, 8, (1024,))
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    saved = SavedActivationMeter(model.parameters())
+    with AllocatorPeak("cpu", resident_bytes=weights) as meter:
+        with saved.measure():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    # saved: the input (for the first weight's gradient) and the ReLU output (for ReLU's and
+    # the second weight's gradients), and cross-entropy's log-probabilities
+    # (int64 targets), plus a scalar or two
+    expected_saved = (1024 * 256 + 1024 * 512 + 1024 * 8) * 4 + 1024 * 8
+    assert 0 <= saved.peak_bytes - expected_saved <= 16
+    # the gradients and the two AdamW moments (3 x weights) are held at the end of the step
+    assert meter.peak_bytes >= weights + saved.peak_bytes
+    assert meter.peak_bytes >= 4 * weights + 1024 * 8 * 4
+    assert meter.peak_bytes < 4 * weights + 4 * saved.peak_bytes  # nothing unrelated counted

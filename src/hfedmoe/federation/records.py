@@ -12,7 +12,9 @@ Train reply (client -> server):
   ``"update"``  ArrayRecord  - the tensors the client uploads (any subset of the global keys)
   ``"metrics"`` MetricRecord - ``num-examples``, ``client-id``, ``train-loss``,
                                ``budget-experts``, ``max-active-experts-per-batch``,
-                               ``peak-memory-bytes``, ``mean-step-seconds``,
+                               ``peak-memory-bytes`` (measured by the allocator),
+                               ``peak-memory-estimate-bytes`` (tensor accounting),
+                               ``mean-step-seconds``,
                                ``local-steps`` (0: the client sat the round out);
                                with one-pass selection also ``selection-overlap``,
                                ``selection-share`` (vs the exact Eq. 15 set, round means)
@@ -56,8 +58,8 @@ GLOBAL, PLAN, UPDATE, METRICS, ROUTING = "global", "plan", "update", "metrics", 
 EVALUATION, PERSONAL = "evaluation", "personal"
 EVALUATE_METRIC_KEYS = ("client-id", "num-examples", "accuracy", "loss")
 REPLY_METRIC_KEYS = ("num-examples", "client-id", "train-loss", "budget-experts",
-                     "max-active-experts-per-batch", "peak-memory-bytes", "mean-step-seconds",
-                     "local-steps")
+                     "max-active-experts-per-batch", "peak-memory-bytes",
+                     "peak-memory-estimate-bytes", "mean-step-seconds", "local-steps")
 # sent when the client selected experts in one pass (budget.mode = "one-pass"); diagnostics
 OPTIONAL_REPLY_METRIC_KEYS = ("selection-overlap", "selection-share")
 
@@ -116,6 +118,7 @@ def train_reply(client_id: int, budget_experts: int, upload: Mapping[str, torch.
         "budget-experts": budget_experts,
         "max-active-experts-per-batch": result.max_active_experts_per_batch,
         "peak-memory-bytes": result.peak_memory_bytes,
+        "peak-memory-estimate-bytes": result.peak_memory_estimate_bytes,
         "mean-step-seconds": result.mean_step_seconds,
         "local-steps": result.local_steps,
         **({"selection-overlap": result.selection_overlap,
