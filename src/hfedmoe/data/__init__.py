@@ -1,6 +1,12 @@
 """The data layer: corpora with a fixed split, client partitions, tokenisation, batches."""
 
 from hfedmoe.data.corpora import Corpus, DataError, TextDataset, load_corpus
+from hfedmoe.data.instructions import (
+    IGNORE_INDEX,
+    CausalLMSet,
+    InstructionPair,
+    tokenize_instructions,
+)
 from hfedmoe.data.partition import (
     client_split,
     client_split_sizes,
@@ -22,6 +28,8 @@ from hfedmoe.data.tokenize import (
 )
 
 __all__ = [
+    "IGNORE_INDEX",
+    "CausalLMSet",
     "Corpus",
     "DataError",
     "TextDataset",
@@ -34,6 +42,7 @@ __all__ = [
     "dirichlet_partition",
     "eval_batches",
     "iid_partition",
+    "InstructionPair",
     "label_histogram",
     "drop_untokenizable",
     "load_corpus",
@@ -41,4 +50,5 @@ __all__ = [
     "partition_indices",
     "pathological_partition",
     "tokenize",
+    "tokenize_instructions",
 ]

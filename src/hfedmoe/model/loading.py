@@ -90,10 +90,24 @@ def load_adapter(model_cfg: ModelConfig, num_labels: int, seed: int) -> ModelAda
         backbone = tiny_backbone(family, seed, model_cfg.dropout)
         adapter = adapter_from_backbone(backbone, family, num_labels, seed)
     else:
-        backbone = pretrained_backbone(name, model_cfg.dropout)
+        backbone = pretrained_backbone(model_folder(model_cfg), model_cfg.dropout)
         adapter = adapter_from_backbone(backbone, backbone.config.model_type, num_labels, seed)
     adapter.model.to(model_cfg.device).eval()
     return adapter
+
+
+def model_folder(model_cfg: ModelConfig) -> str:
+    """Where a pretrained ``model.name`` loads from: a local folder or Hub id as given; for
+    ``smollm2-moe`` the cached upcycled folder of ``model.num-experts`` and ``model.top-k``
+    (hfedmoe.model.smollm2; made on first use, ~1 minute). Raises ModelNotFoundError."""
+    from hfedmoe.model.smollm2 import SMOLLM2_MOE, SmolLM2Unavailable, moe_folder
+
+    if model_cfg.name != SMOLLM2_MOE:
+        return model_cfg.name
+    try:
+        return str(moe_folder(model_cfg.num_experts, model_cfg.top_k))
+    except (SmolLM2Unavailable, ValueError) as exc:
+        raise ModelNotFoundError(str(exc)) from None
 
 
 def tiny_backbone(family: str, seed: int, dropout: float = 0.0) -> transformers.PreTrainedModel:
@@ -167,6 +181,8 @@ def load_tokenizer(model_cfg: ModelConfig) -> PreTrainedTokenizerBase:
         from hfedmoe.model.minilm import minilm_model_dir
 
         name = str(minilm_model_dir())
+    else:
+        name = model_folder(model_cfg)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as exc:  # OSError, ValueError, tokenizers' own errors for missing files
@@ -188,7 +204,7 @@ def check_model_name(model_cfg: ModelConfig) -> None:
     if name.startswith(TINY_PREFIX):
         family_spec(name[len(TINY_PREFIX):])
     elif name != MINILM_MOE:
-        pretrained_config(name)
+        pretrained_config(model_folder(model_cfg))
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> None:

@@ -106,16 +106,18 @@ class SparseExperts(nn.Module):
             active = self.plan.choose(self.layer_index).to(hidden_states.device)
             self.plan.chosen[self.layer_index] = active
         slots = dispatch(top_k_index, self.num_experts, active)
-        x = hidden_states[slots.token]  # (n, H) sorted by (inactive, expert)
-        learning = sum(slots.active_sizes)  # rows of x that belong to active experts
+        learning = sum(slots.active_sizes)  # sorted slots that belong to active experts
         outputs = []
+        # the two groups gather their tokens apart: the active experts' backward keeps its
+        # input, and a view into one gather of all slots would keep the inactive rows too
         if slots.active_experts:
             outputs.append(run_group([self.experts[e] for e in slots.active_experts],
-                                     x[:learning], slots.active_sizes))
+                                     hidden_states[slots.token[:learning]], slots.active_sizes))
         if slots.inactive_experts:
             with torch.no_grad():
                 outputs.append(run_group([self.experts[e] for e in slots.inactive_experts],
-                                         x[learning:], slots.inactive_sizes))
+                                         hidden_states[slots.token[learning:]],
+                                         slots.inactive_sizes))
         output = torch.zeros_like(hidden_states)
         if outputs:
             out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (n, H)
