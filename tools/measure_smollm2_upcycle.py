@@ -1,6 +1,7 @@
 """What upcycling costs SmolLM2 before any fine-tuning: perplexity and a greedy answer.
 
     .venv/bin/python tools/measure_smollm2_upcycle.py [--experts 8] [--top-k 1,2,4,8]
+        [--split copies|neurons]
 
 Builds (or reuses) the cached dense SmolLM2 and one upcycled Mixtral folder per top-k
 (hfedmoe.model.smollm2), then reports for each: the perplexity of its own next-token
@@ -58,13 +59,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", default="1,2,4,8")
+    parser.add_argument("--split", default=smollm2.DEFAULT_SPLIT, choices=smollm2.SPLITS)
     args = parser.parse_args()
     torch.set_num_threads(2)
     sentences = texts()
     dense = smollm2.dense_folder()
     rows = []
-    models = [("dense", dense)] + [(f"{args.experts} experts, top-{k}",
-                                    smollm2.moe_folder(args.experts, int(k)))
+    models = [("dense", dense)] + [(f"{args.experts} {args.split}, top-{k}",
+                                    smollm2.moe_folder(args.experts, int(k), split=args.split))
                                    for k in args.top_k.split(",")]
     for label, folder in models:
         model = transformers.AutoModelForCausalLM.from_pretrained(str(folder)).eval()

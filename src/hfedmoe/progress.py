@@ -27,6 +27,7 @@ class ProgressDisplay:
             if _is_terminal(self._stream) else None
         self._num_rounds = 0
         self._num_clients = 0
+        self._sampled = 0  # clients sent this round's instruction
         self._replies = 0
         self._enabled = True
 
@@ -37,15 +38,23 @@ class ProgressDisplay:
                  traceback: TracebackType | None) -> None:
         self.close()
 
-    def start(self, num_rounds: int, num_clients: int) -> None:
-        """Announce a run of ``num_rounds`` training rounds, ``num_clients`` replies per round."""
+    def start(self, num_rounds: int, num_clients: int, sampled: int | None = None) -> None:
+        """Announce a run of ``num_rounds`` training rounds over ``num_clients`` clients, of
+        which ``sampled`` (default: all) are sampled each round (train.fraction-train)."""
         self._num_rounds, self._num_clients = num_rounds, num_clients
-        self._emit(f"hfedmoe: {num_rounds} rounds, {num_clients} clients per round", "bold")
+        sampled = num_clients if sampled is None else sampled
+        who = (f"{num_clients} clients per round" if sampled >= num_clients
+               else f"{sampled} of {num_clients} clients sampled per round")
+        self._emit(f"hfedmoe: {num_rounds} rounds, {who}", "bold")
 
-    def round_started(self, round: int) -> None:
-        """A training round begins; resets the reply counter."""
+    def round_started(self, round: int, num_sampled: int | None = None) -> None:
+        """A training round begins, sent to ``num_sampled`` clients (default: the number given
+        to :meth:`start`); resets the reply counter, whose denominator it becomes."""
         self._replies = 0
-        self._emit(f"round {round}/{self._num_rounds} started", "rule")
+        self._sampled = self._num_clients if num_sampled is None else num_sampled
+        extra = (f" ({self._sampled} of {self._num_clients} clients)"
+                 if self._sampled < self._num_clients else "")
+        self._emit(f"round {round}/{self._num_rounds} started{extra}", "rule")
 
     def client_finished(self, round: int, client_id: int, info: Mapping[str, Any]) -> None:
         """One client's reply arrived.
@@ -57,11 +66,12 @@ class ProgressDisplay:
         self._replies += 1
         info = {str(key).replace("-", "_"): value for key, value in info.items()}
         if info.get("error") is not None:
-            line = f"  round {round} client {client_id} [{self._replies}/{self._num_clients}]: " \
+            line = f"  round {round} client {client_id} [{self._replies}/{self._sampled}]: " \
                    f"failed: {info['error']}"
             self._emit(line, "bold red")
             return
-        self._emit(format_client_line(round, client_id, info, self._replies, self._num_clients), "dim")
+        self._emit(format_client_line(round, client_id, info, self._replies, self._sampled),
+                   "dim")
 
     def round_finished(self, record: Mapping[str, Any]) -> None:
         """A round (or round 0, the initial evaluation) was evaluated; ``record`` as in report."""

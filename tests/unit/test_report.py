@@ -248,6 +248,25 @@ def test_progress_display_writes_plain_lines_to_a_non_terminal():
     ]
 
 
+def test_progress_display_counts_the_sampled_clients_of_a_round():
+    """100 connected, 10 sampled: the header, the round line and each reply's [k/10] say so."""
+    stream = io.StringIO()
+    with ProgressDisplay(stream) as display:
+        display.start(num_rounds=3, num_clients=100, sampled=10)
+        display.round_started(1, 10)
+        display.client_finished(1, 42, client(42, 40, 3, 3, 5000, 0.2, loss=1.25))
+        display.round_started(2, 9)  # a node was lost: fewer sampled
+        display.client_finished(2, 7, {"error": "ClientApp raised"})
+    assert stream.getvalue().splitlines() == [
+        "hfedmoe: 3 rounds, 10 of 100 clients sampled per round",
+        "round 1/3 started (10 of 100 clients)",
+        "  round 1 client 42 [1/10]: 40 examples, train loss 1.2500, active experts 3/3, "
+        "step 0.200 s",
+        "round 2/3 started (9 of 100 clients)",
+        "  round 2 client 7 [1/9]: failed: ClientApp raised",
+    ]
+
+
 def test_progress_display_styles_a_terminal_and_survives_broken_streams():
     class Terminal(io.StringIO):
         def isatty(self):

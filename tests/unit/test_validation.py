@@ -151,7 +151,7 @@ class _Sink:
 
 
 class _Display:
-    def round_started(self, server_round):
+    def round_started(self, server_round, num_sampled=None):
         pass
 
     def round_finished(self, record):

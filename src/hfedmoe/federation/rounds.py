@@ -22,7 +22,7 @@ class RecordSink(Protocol):
 
 
 class Display(Protocol):
-    def round_started(self, server_round: int) -> None: ...
+    def round_started(self, server_round: int, num_sampled: int | None = None) -> None: ...
     def round_finished(self, record: dict) -> None: ...
 
 
@@ -108,7 +108,7 @@ class RoundBook:
             }
             return
         self._round_start = time.perf_counter()
-        self._display.round_started(server_round)
+        self._display.round_started(server_round, num_sampled)
         self._pending_round = server_round
         self._pending = {"sampled": num_sampled, "attempts": 1, "earlier_failures": []}
 

@@ -22,7 +22,7 @@ from hfedmoe.federation import records
 from hfedmoe.federation.grids import ProgressGrid
 from hfedmoe.federation.loop import RoundPolicy, run_rounds
 from hfedmoe.federation.rounds import RoundBook
-from hfedmoe.federation.strategy import PlannedStrategy
+from hfedmoe.federation.strategy import PlannedStrategy, sample_size
 from hfedmoe.fingerprint import first_difference
 from hfedmoe.model.state import read_state, set_trainable, write_state
 from hfedmoe.preflight import PreparedRun, prepare_run
@@ -97,7 +97,9 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
     if resumed:
         ckpt.restore_rng_states(resumed.rng)
     with ProgressDisplay() as display:
-        display.start(config.num_server_rounds, config.data.num_clients)
+        clients = config.data.num_clients
+        display.start(config.num_server_rounds, clients,
+                      sample_size(config.train.fraction_train, clients))
         book = RoundBook(recorder, display)
         book.resume_after(earlier_seconds)
         strategy = PlannedStrategy(config, method_for(config), adapter.geometry, book,

