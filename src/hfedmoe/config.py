@@ -217,6 +217,8 @@ class TrainConfig:
     weight_decay: float
     fraction_train: float
     eval_batch_size: int
+    fraction_evaluate: float  # share of connected clients sampled for client-side evaluation
+    evaluate_every: int  # client-side evaluation every k rounds (and the last round)
 
     def __post_init__(self) -> None:
         _require(self.local_steps >= 1, "train.local-steps", self.local_steps, "an integer >= 1")
@@ -226,6 +228,10 @@ class TrainConfig:
         _require(0 < self.fraction_train <= 1, "train.fraction-train", self.fraction_train,
                  "a number in (0, 1]")
         _require(self.eval_batch_size >= 1, "train.eval-batch-size", self.eval_batch_size,
+                 "an integer >= 1")
+        _require(0 < self.fraction_evaluate <= 1, "train.fraction-evaluate",
+                 self.fraction_evaluate, "a number in (0, 1]")
+        _require(self.evaluate_every >= 1, "train.evaluate-every", self.evaluate_every,
                  "an integer >= 1")
 
 

@@ -177,17 +177,27 @@ class PlannedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        """Personalised evaluation: every connected node evaluates the new global model (with
-        its personal state) on its own test split; none when data.client-test-fraction = 0.
-        A node lost in this round's training (UNREACHABLE_KINDS) is not asked: it would hold
-        the round until the timeout. The global test split is evaluated centrally
-        (evaluate_fn)."""
-        if self._config.data.client_test_fraction <= 0:
+        """Personalised evaluation: connected nodes evaluate the new global model (with their
+        personal state) on their own test split, in every ``train.evaluate-every``-th round
+        and the last; ``train.fraction-evaluate`` of them, sampled per round (seeded, apart
+        from training's sample); none when data.client-test-fraction = 0. A node lost in
+        this round's training (UNREACHABLE_KINDS) is not asked: it would hold the round
+        until the timeout. The global test split is evaluated centrally (evaluate_fn)."""
+        train = self._config.train
+        last = server_round == self._config.num_server_rounds
+        if self._config.data.client_test_fraction <= 0 or not (
+                last or server_round % train.evaluate_every == 0):
             return []
+        reachable = sorted(set(grid.get_node_ids()) - self._unreachable)
+        if not reachable:
+            return []
+        count = sample_size(train.fraction_evaluate, len(reachable))
+        chosen = sorted(random.Random(f"{self._config.seed}/evaluate/{server_round}")
+                        .sample(reachable, count))
         content = records.evaluate_instruction(server_round, self._flat_config, arrays,
                                                self._lineage)
         return [Message(content, node_id, MessageType.EVALUATE, group_id=str(server_round))
-                for node_id in sorted(set(grid.get_node_ids()) - self._unreachable)]
+                for node_id in chosen]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
                            ) -> MetricRecord | None:
