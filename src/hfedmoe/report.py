@@ -18,7 +18,8 @@ The round record (produced by the federation code, one per evaluated round)::
      "loss": float,              # test loss of the global model after this round
      "train_loss": float | None, # mean local train loss of the round; None for round 0
      "bytes_up": int,            # bytes sent clients -> server this round (all clients)
-     "bytes_down": int,          # bytes sent server -> clients this round (all clients)
+     "bytes_down": int,          # bytes sent server -> clients this round (all clients):
+                                 # bytes_down_train + bytes_down_evaluate (ArrayRecord payloads)
      "round_seconds": float,     # wall time of this round
      "elapsed_seconds": float,   # wall time since the run started
      "clients": [                # one entry per client reply that was aggregated

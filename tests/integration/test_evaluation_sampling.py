@@ -30,6 +30,12 @@ def test_personal_evaluation_every_k_rounds_on_a_sample(tmp_path):
     for r, ids in evaluated.items():
         accuracies = [p["accuracy"] for p in by_round[r]["personal"]]
         assert by_round[r]["personal_accuracy"] == sum(accuracies) / 2
+    # every byte counted: the evaluation instructions carry the global state to 2 clients
+    state_bytes = by_round[2]["clients"][0]["bytes_down"]  # one train instruction
+    assert by_round[1]["bytes_down_evaluate"] == 0
+    for r in (2, 3):
+        assert by_round[r]["bytes_down_evaluate"] == 2 * state_bytes
+        assert by_round[r]["bytes_down"] == by_round[r]["bytes_down_train"] + 2 * state_bytes
     # the same seed samples the same clients again (a second run of the same config)
     again = tmp_path / "again"
     assert main(args[:-1] + [str(again)]) == 0

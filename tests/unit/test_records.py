@@ -64,9 +64,11 @@ def test_a_retried_round_counts_the_bytes_of_every_attempt():
     assert len(record["clients"]) == 0 and record["failures"] == []
     book.round_started(2, 3)  # a new round starts from zero
     book.train_finished(2, [], [], {0: (10, 1000)}, 3000)
+    book.clients_evaluated(2, [], bytes_down=2 * 1000)  # two nodes asked to evaluate
     book.evaluated(2, 0.5, 1.0)
     record = sink.records[-1]
-    assert (record["bytes_up"], record["bytes_down"]) == (10, 3000)
+    assert (record["bytes_up"], record["bytes_down"]) == (10, 3000 + 2000)
+    assert (record["bytes_down_train"], record["bytes_down_evaluate"]) == (3000, 2000)
     book.round_started(3, 3)
     book.train_finished(3, [], [{"client_id": 1, "kind": "raised"}], {}, 3000, aggregated=False)
     book.round_started(3, 3)

@@ -132,6 +132,7 @@ class RoundBook:
             "bytes_up": (sum(up for up, _ in traffic.values())
                          + self._pending.get("earlier_bytes_up", 0)),
             "bytes_down": bytes_down + self._pending.get("earlier_bytes_down", 0),
+            "bytes_down_train": bytes_down + self._pending.get("earlier_bytes_down", 0),
             "clients": sorted((client_entry(u, *traffic[u.client_id],
                                             per_client.get(u.client_id))
                                for u in updates), key=lambda c: c["client_id"]),
@@ -144,13 +145,16 @@ class RoundBook:
         })
 
     def clients_evaluated(self, server_round: int, results: Sequence[ClientAccuracy],
-                          failures: int = 0) -> dict:
+                          failures: int = 0, bytes_down: int = 0) -> dict:
         """The round's personalised evaluation (each client on its own test split): adds
         ``personal`` (per client), :func:`personal_summary` and ``personal_failures`` to the
-        round record; returns the summary."""
+        round record, and ``bytes_down`` (the evaluation instructions' arrays, every node
+        asked) to its ``bytes_down`` and ``bytes_down_evaluate``; returns the summary."""
         entries = personal_entries(results)
         summary = personal_summary(entries)
-        self._pending.update({**summary, "personal": entries, "personal_failures": failures})
+        self._pending.update({**summary, "personal": entries, "personal_failures": failures,
+                              "bytes_down_evaluate": bytes_down,
+                              "bytes_down": self._pending.get("bytes_down", 0) + bytes_down})
         return summary
 
     def evaluated(self, server_round: int, accuracy: float, loss: float) -> dict:
@@ -162,6 +166,8 @@ class RoundBook:
             "train_loss": None,
             "bytes_up": 0,
             "bytes_down": 0,
+            "bytes_down_train": 0,
+            "bytes_down_evaluate": 0,
             "clients": [],
             "failures": [],
             "personal_accuracy": None,

@@ -78,6 +78,7 @@ class PlannedStrategy(Strategy):
         self._flat_config = config.to_flat()
         self._global: ArrayRecord | None = None
         self._sent: dict[int, int] = {}  # node id -> bytes sent this round
+        self._evaluate_sent = 0  # bytes of this round's evaluation instructions
         self._instructions: list[Message] = []  # this round's, message ids set by the grid
         self.client_of: dict[int, int] = {}  # node id -> client (partition) id, from replies
         self._sampled_once = False  # the first sampling waits for every node; later ones not
@@ -196,6 +197,7 @@ class PlannedStrategy(Strategy):
                         .sample(reachable, count))
         content = records.evaluate_instruction(server_round, self._flat_config, arrays,
                                                self._lineage)
+        self._evaluate_sent = records.record_bytes(arrays) * len(chosen)
         return [Message(content, node_id, MessageType.EVALUATE, group_id=str(server_round))
                 for node_id in chosen]
 
@@ -217,6 +219,7 @@ class PlannedStrategy(Strategy):
                 failures += 1
                 continue
             results.append(result)
-        summary = self._book.clients_evaluated(server_round, results, failures)
+        summary = self._book.clients_evaluated(server_round, results, failures,
+                                               bytes_down=self._evaluate_sent)
         return MetricRecord({k.replace("_", "-"): v for k, v in summary.items()
                              if v is not None})
