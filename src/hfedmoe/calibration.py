@@ -146,20 +146,16 @@ class Calibration:
 
 
 def from_bench(meta: Mapping, rows: Sequence[Mapping]) -> Calibration:
-    """The calibration in a ``hfedmoe bench step --json`` file's ``meta`` and ``rows``."""
+    """The calibration in a ``hfedmoe bench step --json`` file's ``meta`` and ``rows``.
+
+    Full training and a budget covering every expert may both be measured: full training
+    (the reference, ratio 1.0, listed first) is kept."""
     try:
-        points = sorted((CalibrationPoint(int(r["budget"]), float(r["step_time_ratio"]),
-                                          int(r["peak_memory_bytes"])) for r in rows),
-                        key=lambda p: p.budget)
-        # full training and a budget covering every expert may both be measured: full
-        # training (the reference, ratio 1.0, listed first) is kept
-        by_budget: dict[int, CalibrationPoint] = {}
-        for point in points:
-            by_budget.setdefault(point.budget, point)
-        return Calibration(str(meta["model"]), str(meta["model_fingerprint"]),
-                           int(meta["batch_size"]), int(meta["max_length"]),
-                           str(meta["budget_mode"]), int(meta["total_experts"]),
-                           float(meta["floor_flops_ratio"]), tuple(by_budget.values()))
+        by_budget: dict[int, Mapping] = {}
+        for row in rows:
+            by_budget.setdefault(int(row["budget"]), row)
+        points = [by_budget[budget] for budget in sorted(by_budget)]
+        return Calibration.from_mapping({**meta, "points": points})
     except (KeyError, TypeError, ValueError) as exc:
         if isinstance(exc, CalibrationError):
             raise
