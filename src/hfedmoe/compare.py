@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 from hfedmoe.config import RunConfig, load_config_file, parse_run_config
-from hfedmoe.data import load_tokenizable_corpus
+from hfedmoe.client import load_usable_corpus
 from hfedmoe.fingerprint import first_difference, input_fingerprints
 from hfedmoe.model import load_tokenizer
 from hfedmoe.plots import plot_comparison
@@ -99,7 +99,7 @@ def comparison_table(comparison: Mapping[str, Any]) -> str:
 
 def current_inputs(config: RunConfig) -> dict[str, str]:
     """The input fingerprints a run of ``config`` would record (hfedmoe.fingerprint)."""
-    corpus = load_tokenizable_corpus(config.data, load_tokenizer(config.model))
+    corpus = load_usable_corpus(config, load_tokenizer(config.model))
     return input_fingerprints(corpus, config.model)
 
 

@@ -24,8 +24,9 @@ Scalar = bool | int | float | str
 
 METHODS = ("hfedmoe", "fedavg", "fedavg-full", "fedavg-drop", "random-subset", "fedmoe", "flex",
            "hfedmoe-no-ib", "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate", "hfedmoe-data-share")
-DATA_SOURCES = ("bbc-news", "wordnet", "file", "hf")
-PARTITIONERS = ("iid", "dirichlet", "pathological")
+TASKS = ("classification", "causal-lm")  # hfedmoe.tasks
+DATA_SOURCES = ("bbc-news", "wordnet", "quiz", "file", "hf")
+PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 TRAINABLE_NON_EXPERT = ("head", "all")
 RUNTIMES = ("ray", "inprocess")
 ON_TOO_FEW = ("skip", "retry")
@@ -353,6 +354,18 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
+class GenerateConfig:
+    examples: int  # causal-lm: held-out prompts answered greedily at each evaluation (0 = none)
+    max_new_tokens: int  # greedy decoding bound per answer
+
+    def __post_init__(self) -> None:
+        _require(self.examples >= 0, "generate.examples", self.examples,
+                 "an integer >= 0 (0 = no generation metrics)")
+        _require(self.max_new_tokens >= 1, "generate.max-new-tokens", self.max_new_tokens,
+                 "an integer >= 1")
+
+
+@dataclass(frozen=True)
 class CheckpointConfig:
     every: int  # rounds between checkpoints; 0 = never
     keep: int
@@ -366,6 +379,7 @@ class CheckpointConfig:
 @dataclass(frozen=True)
 class RunConfig:
     method: str
+    task: str
     num_server_rounds: int
     seed: int
     out: str
@@ -379,9 +393,13 @@ class RunConfig:
     robust: RobustConfig
     faults: FaultsConfig
     checkpoint: CheckpointConfig
+    generate: GenerateConfig
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
+        _choice("task", self.task, TASKS)
+        _require(self.task == "causal-lm" or self.data.source != "quiz", "data.source",
+                 self.data.source, "'quiz' only with task = 'causal-lm' (question -> answer pairs)")
         _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds,
                  "an integer >= 1")
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")
@@ -415,7 +433,7 @@ class RunConfig:
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "simulation": SimulationConfig,
              "federation": FederationConfig, "robust": RobustConfig, "faults": FaultsConfig,
-             "checkpoint": CheckpointConfig}
+             "checkpoint": CheckpointConfig, "generate": GenerateConfig}
 
 
 def parse_run_config(*layers: Mapping[str, Scalar]) -> RunConfig:

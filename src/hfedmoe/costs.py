@@ -25,6 +25,7 @@ from hfedmoe.measurement import tensor_bytes
 from hfedmoe.model.adapter import MoEAdapter
 
 ACTIVATION_FLOATS_PER_TOKEN_LAYER = 16  # x hidden size; an estimate for a transformer block
+LOGIT_COPIES = 3  # causal-lm: logits, their float32 log-softmax and its gradient (B*T x V each)
 
 
 def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, int]:
@@ -32,7 +33,7 @@ def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, 
     geometry = adapter.geometry
     expert = list(adapter.expert_parameters(0, 0).items())
     params_per_expert = sum(p.numel() for _, p in expert)
-    hidden = adapter.model.classifier.in_features
+    hidden = adapter.model.backbone.get_input_embeddings().embedding_dim
     gated = any("gate" in name for name, _ in expert)
     intermediate = max(1, params_per_expert // ((3 if gated else 2) * hidden))
     tokens = config.train.batch_size * config.model.max_length
@@ -42,8 +43,11 @@ def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, 
     non_expert = [p for layer in range(geometry.num_layers)
                   for p in adapter.router_parameters(layer).values()]
     non_expert += list(adapter.non_expert_parameters(config.model.trainable_non_expert).values())
+    lm_head = getattr(adapter.model, "lm_head", None)  # causal-lm: (tokens, V) logits
+    vocab = lm_head.out_features if lm_head is not None else 0
     base = (tensor_bytes(adapter.model.parameters()) + 3 * tensor_bytes(non_expert)
-            + 4 * tokens * hidden * ACTIVATION_FLOATS_PER_TOKEN_LAYER * geometry.num_layers)
+            + 4 * tokens * hidden * ACTIVATION_FLOATS_PER_TOKEN_LAYER * geometry.num_layers
+            + LOGIT_COPIES * 4 * tokens * vocab)
     return cost, base
 
 

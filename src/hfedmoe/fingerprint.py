@@ -8,7 +8,7 @@ changing ``config.toml``. Each run therefore records :func:`input_fingerprints` 
 
 Fingerprints (hex SHA-256, 16 characters shown in messages):
 
-- ``data``: the corpus as loaded (train and test texts, labels, label names), so it covers
+- ``data``: the corpus as loaded (train and test texts, labels, label names, responses), so it covers
   every source (a file, BBC News, WordNet, a Hugging Face dataset) and every option that
   changes what is trained on (``data.max-examples``, ``data.test-fraction``, dropped rows);
 - ``model``: for ``smollm2-moe``, its cached conversion's name (the SHA-256 of the GGUF file,
@@ -32,13 +32,16 @@ _CHUNK_BYTES = 1 << 20
 
 
 def corpus_fingerprint(corpus: Corpus) -> str:
-    """SHA-256 of the corpus content: label names, then each split's (label, text) rows."""
+    """SHA-256 of the corpus content: label names, then each split's (label, text) rows and,
+    for instruction data, their responses."""
     digest = hashlib.sha256()
     _feed(digest, "labels", *corpus.label_names)
     for name, split in (("train", corpus.train), ("test", corpus.test)):
         _feed(digest, name, str(len(split)))
         for text, label in zip(split.texts, split.labels):
             _feed(digest, str(label), text)
+        if split.responses:
+            _feed(digest, "responses", *split.responses)
     return digest.hexdigest()
 
 

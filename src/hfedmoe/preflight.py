@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from hfedmoe.calibration import Calibration, CalibrationError, load_calibration
-from hfedmoe.client import build_model
+from hfedmoe.client import build_model, load_usable_corpus
 from hfedmoe.config import ConfigError, RunConfig
 from hfedmoe.costs import client_budget
-from hfedmoe.data import Corpus, client_split_sizes, load_tokenizable_corpus, tokenize
+from hfedmoe.data import Corpus, client_split_sizes
 from hfedmoe.data.tokenize import TokenizedSet
 from hfedmoe.fingerprint import input_fingerprints
 from hfedmoe.model import MoEAdapter, load_tokenizer
 from hfedmoe.model.loading import check_model_inputs, check_model_name, check_tokenizer
 from hfedmoe.strategies import method_for
+from hfedmoe.tasks import task_for
 
 
 @dataclass(frozen=True, eq=False)
@@ -36,17 +38,18 @@ class PreparedRun:
     budgets: list[int]  # C_budget per client from the run config
     inputs: dict[str, str]  # hfedmoe.fingerprint.input_fingerprints (+ "calibration")
     calibration: Calibration | None = None  # budget.calibration, checked against the model
+    tokenizer: Any = None  # the model's tokenizer (causal-lm: generation, the final model)
 
 
 def prepare_run(config: RunConfig) -> PreparedRun:
     """Load and check everything (module docstring); writes nothing."""
     check_model_name(config.model)
     tokenizer = load_tokenizer(config.model)
-    corpus = load_tokenizable_corpus(config.data, tokenizer)
+    corpus = load_usable_corpus(config, tokenizer)
     adapter = build_model(config, num_labels=len(corpus.label_names))
     check_tokenizer(tokenizer, config.model.name)
     check_model_inputs(adapter, tokenizer, config.model.max_length, config.model.name)
-    test_set = tokenize(corpus.test, tokenizer, config.model.max_length)
+    test_set = task_for(config.task).tokenize(corpus.test, tokenizer, config.model.max_length)
     sizes = [train for train, _ in client_split_sizes(corpus.train.labels, config.data,
                                                       config.seed, corpus.label_names)]
     inputs = input_fingerprints(corpus, config.model)
@@ -56,7 +59,7 @@ def prepare_run(config: RunConfig) -> PreparedRun:
     budgets = [_budget(config, adapter, client_id, calibration)
                for client_id in range(config.data.num_clients)]
     check_someone_trains(config, adapter, budgets)
-    return PreparedRun(corpus, test_set, adapter, sizes, budgets, inputs, calibration)
+    return PreparedRun(corpus, test_set, adapter, sizes, budgets, inputs, calibration, tokenizer)
 
 
 def _calibration(config: RunConfig, adapter: MoEAdapter, model_fingerprint: str

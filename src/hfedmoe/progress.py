@@ -121,6 +121,11 @@ def format_round_line(record: Mapping[str, Any], num_rounds: int) -> str:
     head = "round 0 (initial model)" if number == 0 else f"round {number}/{num_rounds} done"
     parts = [f"accuracy {_number(record.get('accuracy'), '.4f')}",
              f"loss {_number(record.get('loss'), '.4f')}"]
+    for key, label, form in (("perplexity", "perplexity", ".2f"),
+                             ("exact_match", "exact match", ".3f"),
+                             ("rouge_l", "ROUGE-L", ".3f")):  # causal-lm
+        if record.get(key) is not None:
+            parts.append(f"{label} {_number(record.get(key), form)}")
     if record.get("personal_accuracy") is not None:
         parts.append(f"personal accuracy {_number(record.get('personal_accuracy'), '.4f')}")
     if record.get("train_loss") is not None:

@@ -120,7 +120,8 @@ class RunRecorder:
 
         Raises ValueError if no round was recorded.
         """
-        summary = build_summary(self.config.method, self._records, wall_seconds)
+        summary = build_summary(self.config.method, self._records, wall_seconds,
+                                task=self.config.task)
         text = json.dumps(summary, indent=2, default=_json_default) + "\n"
         _write_atomic(self.out_dir / SUMMARY_FILE, text)
         plot_accuracy(self._records, self.out_dir / ACCURACY_PLOT)
@@ -170,7 +171,7 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
 
 
 def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
-                  wall_seconds: float) -> dict[str, Any]:
+                  wall_seconds: float, task: str = "classification") -> dict[str, Any]:
     """Summarise a run's round records (pure; records in any order, rounds distinct).
 
     ``rounds`` counts records with round >= 1, ``trained_rounds`` those that :func:`learned`,
@@ -181,7 +182,9 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
     (round 0 included), ``best_round`` the earliest round reaching it. Byte totals sum all
     records. Per client (sorted by id): ``budget_experts`` and ``num_examples`` as reported
     in its latest round, maxima of active experts and peak memory, the number of records
-    listing it, and the mean over those rounds of its mean step time.
+    listing it, and the mean over those rounds of its mean step time. ``task`` is recorded;
+    a causal-lm run adds ``final_perplexity``, ``final_exact_match``, ``final_rouge_l`` and
+    ``perplexity_by_round`` (``accuracy`` is then next-token accuracy on response tokens).
     """
     if not rounds:
         raise ValueError("no round records to summarise")
@@ -192,8 +195,17 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
     accuracies = {r: rec["accuracy"] for r, rec in by_round.items()
                   if is_finite_number(rec["accuracy"])}
     best_round = max(sorted(accuracies), key=lambda r: accuracies[r]) if accuracies else None
+    language = {} if task != "causal-lm" else {
+        "final_perplexity": by_round[last].get("perplexity"),
+        "final_exact_match": by_round[last].get("exact_match"),
+        "final_rouge_l": by_round[last].get("rouge_l"),
+        "perplexity_by_round": [by_round[r].get("perplexity") if r in by_round else None
+                                for r in range(last + 1)],
+    }
     return {
         "method": method,
+        "task": task,
+        **language,
         "rounds": sum(1 for r in by_round if r >= 1),
         "trained_rounds": sum(1 for r, rec in by_round.items() if r >= 1 and learned(rec)),
         "idle_replies": sum(1 for rec in by_round.values() for client in rec["clients"]

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
 
 from hfedmoe.data.tokenize import TokenizedSet, batches, eval_batches
 from hfedmoe.measurement import (
@@ -29,9 +28,12 @@ from hfedmoe.measurement import (
 )
 from hfedmoe.model.adapter import MoEAdapter, RoutingTrace
 from hfedmoe.selection import BatchSelection, selection_closeness
+from hfedmoe.tasks.classification import classification_loss
 
 # selector(trace, attention_mask (B,T)) -> the batch's active experts and importance (Eq. 15).
 ExpertSelector = Callable[[RoutingTrace, torch.Tensor], BatchSelection]
+# loss_fn(logits, labels) -> the mean loss of one batch (hfedmoe.tasks: each task's ``loss``)
+TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @runtime_checkable
@@ -184,8 +186,10 @@ def train_locally(
     data: TokenizedSet,
     settings: LocalTrainingSettings,
     selector: ExpertSelector | None = None,
+    loss_fn: TaskLoss = classification_loss,
 ) -> LocalTrainingResult:
     """Run ``settings.local_steps`` optimizer steps on ``data``; see the module docstring.
+    ``loss_fn(logits, labels)``: the task's mean batch loss (hfedmoe.tasks).
 
     How experts learn (docs/hfedmoe.md, "One-pass budgeted experts"): with no ``selector``,
     or one that :func:`trains_every_routed_expert` (e.g. a budget that covers every expert),
@@ -233,8 +237,8 @@ def train_locally(
                         selector.layer_chooser(trace, mask)))
                 elif not plain:
                     plan = stack.enter_context(adapter.deferred_expert_backward())
-                logits = model(batch["input_ids"], mask)  # (B, C)
-                task_loss = F.cross_entropy(logits, batch["labels"])
+                logits = model(batch["input_ids"], mask)  # (B, C) or (B, T, V)
+                task_loss = loss_fn(logits, batch["labels"])
                 loss = task_loss
                 if settings.aux_loss_coef > 0:
                     aux = load_balancing_loss(trace, mask, geometry.num_experts)
@@ -341,18 +345,3 @@ def trace_counts(trace: RoutingTrace, attention_mask: torch.Tensor, num_experts:
         chosen = index[real].reshape(-1).cpu()  # (N*k,)
         rows.append(torch.bincount(chosen[chosen < num_experts], minlength=num_experts))
     return torch.stack(rows).to(torch.int64)
-
-
-@torch.no_grad()
-def evaluate(adapter: MoEAdapter, data: TokenizedSet, batch_size: int) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of the model on ``data``."""
-    model = adapter.model
-    device = next(model.parameters()).device
-    model.eval()
-    correct, loss_sum = 0, 0.0
-    for batch in eval_batches(data, batch_size):
-        batch = _to_device(batch, device)
-        logits = model(batch["input_ids"], batch["attention_mask"])
-        loss_sum += float(F.cross_entropy(logits, batch["labels"], reduction="sum"))
-        correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
-    return correct / len(data), loss_sum / len(data)

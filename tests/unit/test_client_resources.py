@@ -34,7 +34,9 @@ class CopiedPerMessage:
 def counted_builds(monkeypatch):
     client_module._resources_of_process.cache_clear()  # this test's process starts empty
     builds = {"model": 0, "corpus": 0}
-    build_model, drop = client_module.build_model, client_module.drop_untokenizable
+    from hfedmoe.tasks.classification import ClassificationTask
+
+    build_model, drop = client_module.build_model, ClassificationTask.usable_corpus
 
     def counting_model(*args, **kwargs):
         builds["model"] += 1
@@ -45,7 +47,7 @@ def counted_builds(monkeypatch):
         return drop(*args, **kwargs)
 
     monkeypatch.setattr(client_module, "build_model", counting_model)
-    monkeypatch.setattr(client_module, "drop_untokenizable", counting_drop)
+    monkeypatch.setattr(ClassificationTask, "usable_corpus", counting_drop)
     yield builds
     client_module._resources_of_process.cache_clear()
 
@@ -55,8 +57,9 @@ def test_copied_client_app_reuses_the_process_model_and_corpus(tmp_path, counted
     grid = InProcessGrid(CopiedPerMessage(make_client_app()), config.data.num_clients)
     summary = run_server(grid, config)
     assert summary["trained_rounds"] == 2
-    # 2 rounds x 2 clients x (train + evaluate) = 8 messages, one build of each
-    assert counted_builds == {"model": 1, "corpus": 1}
+    # 2 rounds x 2 clients x (train + evaluate) = 8 messages, one build of each in the client
+    # process (the corpus count also holds the server's own filtering, in its preflight)
+    assert counted_builds == {"model": 1, "corpus": 2}
 
 
 def test_changed_data_file_is_loaded_afresh(tmp_path, counted_builds):

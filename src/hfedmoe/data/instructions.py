@@ -3,7 +3,8 @@
 Format: the tokenizer's chat template when it has one (a user turn holding the prompt, the
 generation prompt, then an assistant turn holding the response, closed the template's way,
 e.g. ChatML's ``<|im_end|>``); otherwise :data:`PLAIN_FORMAT` followed by the response and the
-tokenizer's end-of-sequence token.
+tokenizer's end-of-sequence token (its separator token when it has no eos, as BERT-style
+vocabularies).
 
 Labels (what the loss sees): ``IGNORE_INDEX`` (-100, ignored by ``F.cross_entropy`` and by
 transformers' causal-LM loss) on every prompt token and on padding; the response tokens and
@@ -23,7 +24,8 @@ from typing import Any, Sequence
 
 import torch
 
-from hfedmoe.data.corpora import DataError
+from hfedmoe.data.corpora import DataError, TextDataset
+from hfedmoe.data.tokenize import TokenizedSet
 
 IGNORE_INDEX = -100
 PLAIN_FORMAT = "### Instruction:\n{prompt}\n\n### Response:\n"
@@ -35,32 +37,47 @@ class InstructionPair:
     response: str
 
 
-@dataclass(frozen=True, eq=False)
-class CausalLMSet:
-    """N tokenized conversations, right-padded to a common length T."""
+# N tokenized conversations, right-padded to a common length T: input_ids, attention_mask and
+# labels (N, T) int64 (labels: the token to learn at that position, or IGNORE_INDEX); dropped:
+# pairs left out because the prompt alone filled max_length
+CausalLMSet = TokenizedSet
 
-    input_ids: torch.Tensor  # (N, T) int64
-    attention_mask: torch.Tensor  # (N, T) int64, 1 = token, 0 = padding
-    labels: torch.Tensor  # (N, T) int64: the token to learn at that position, or IGNORE_INDEX
-    dropped: int = 0  # pairs left out: the prompt alone filled max_length
 
-    def __len__(self) -> int:
-        return self.input_ids.shape[0]
+def dataset_pairs(dataset: TextDataset) -> list[InstructionPair]:
+    """The (prompt, response) pairs of an instruction dataset (hfedmoe.data.instruct)."""
+    if len(dataset) and not dataset.responses:
+        raise DataError("the dataset holds no responses: task 'causal-lm' needs instruction "
+                        "pairs (hfedmoe.data.instruct)")
+    return [InstructionPair(p, r) for p, r in zip(dataset.texts, dataset.responses)]
+
+
+def prompt_token_ids(tokenizer: Any, prompt: str) -> list[int]:
+    """The token ids a model is given to answer ``prompt``: what :func:`pair_token_ids`
+    masks, ending where the response starts (generation, hfedmoe.tasks.causal_lm)."""
+    if getattr(tokenizer, "chat_template", None):
+        return _ids(tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                                  add_generation_prompt=True, tokenize=True))
+    return tokenizer(PLAIN_FORMAT.format(prompt=prompt), add_special_tokens=True)["input_ids"]
+
+
+def end_token_id(tokenizer: Any) -> int | None:
+    """The token that ends a response in :data:`PLAIN_FORMAT`: eos, else sep (BERT-style
+    vocabularies such as the tiny models' have no eos), else None."""
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None \
+        else tokenizer.sep_token_id
 
 
 def pair_token_ids(tokenizer: Any, pair: InstructionPair) -> tuple[list[int], int]:
     """The conversation's token ids and how many of them belong to the prompt (masked)."""
+    prompt = prompt_token_ids(tokenizer, pair.prompt)
     if getattr(tokenizer, "chat_template", None):
         user = {"role": "user", "content": pair.prompt}
-        prompt = _ids(tokenizer.apply_chat_template([user], add_generation_prompt=True,
-                                                    tokenize=True))
         full = _ids(tokenizer.apply_chat_template(
             [user, {"role": "assistant", "content": pair.response}], tokenize=True))
     else:
-        text = PLAIN_FORMAT.format(prompt=pair.prompt)
-        prompt = tokenizer(text, add_special_tokens=True)["input_ids"]
-        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        full = prompt + tokenizer(pair.response, add_special_tokens=False)["input_ids"] + eos
+        end = end_token_id(tokenizer)
+        full = (prompt + tokenizer(pair.response, add_special_tokens=False)["input_ids"]
+                + ([end] if end is not None else []))
     shared = 0
     for a, b in zip(prompt, full):
         if a != b:
@@ -98,7 +115,7 @@ def tokenize_instructions(pairs: Sequence[InstructionPair], tokenizer: Any, max_
         input_ids[row, : len(ids)] = torch.tensor(ids)
         attention_mask[row, : len(ids)] = 1
         labels[row, : len(ids)] = torch.tensor(targets)
-    return CausalLMSet(input_ids, attention_mask, labels, dropped)
+    return TokenizedSet(input_ids, attention_mask, labels, dropped)
 
 
 def _ids(rendered: Any) -> list[int]:

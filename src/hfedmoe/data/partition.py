@@ -31,7 +31,8 @@ _INDEX = "index"
 
 def partition_indices(labels: Sequence[int], cfg: DataConfig, seed: int,
                       label_names: Sequence[str] | None = None) -> list[list[int]]:
-    """Indices of each client's examples, by ``cfg.partition`` (iid | dirichlet | pathological).
+    """Indices of each client's examples, by ``cfg.partition`` (iid | dirichlet | pathological |
+    natural).
     ``label_names``: the names of the label ids, for error messages (ids when None)."""
     partitioners: dict[str, Callable[[], list[list[int]]]] = {
         "iid": lambda: iid_partition(labels, cfg.num_clients, seed),
@@ -39,6 +40,7 @@ def partition_indices(labels: Sequence[int], cfg: DataConfig, seed: int,
                                                  cfg.min_partition_size, seed),
         "pathological": lambda: pathological_partition(labels, cfg.num_clients,
                                                        cfg.classes_per_client, seed, label_names),
+        "natural": lambda: natural_partition(labels, cfg.num_clients, label_names),
     }
     if cfg.partition not in partitioners:
         raise DataError(f"unknown partition {cfg.partition!r}; expected one of {sorted(partitioners)}")
@@ -173,6 +175,28 @@ def pathological_partition(labels: Sequence[int], num_clients: int, classes_per_
         raise DataError(f"{setting} leaves classes {missing} on no client; raise "
                         f"data.num-clients to >= {len(classes)} (then every class is some "
                         f"client's first class) or data.classes-per-client")
+    return parts
+
+
+def natural_partition(labels: Sequence[int], num_clients: int,
+                      label_names: Sequence[str] | None = None) -> list[list[int]]:
+    """Whole groups per client: the label values present in the training data (topics,
+    lexicographer files, user ids: the realistic non-IID split of instruction data), in sorted
+    order, dealt round-robin, so client k holds the k-th, (k+K)-th, ... groups with all their
+    examples, in order. With as many clients as groups this is one client per group
+    (flwr-datasets' NaturalIdPartitioner). Raises DataError when there are more clients than
+    groups."""
+    present = sorted(set(labels))
+    if num_clients > len(present):
+        shown = ", ".join(repr(label_names[y]) if label_names else str(y) for y in present[:6])
+        more = ", ..." if len(present) > 6 else ""
+        raise DataError(f"data.partition = 'natural' gives each client whole groups, but the "
+                        f"training data has {len(present)} ({shown}{more}) for data.num-clients "
+                        f"= {num_clients}; lower data.num-clients to at most {len(present)}")
+    client_of = {label: k % num_clients for k, label in enumerate(present)}
+    parts: list[list[int]] = [[] for _ in range(num_clients)]
+    for index, label in enumerate(labels):
+        parts[client_of[label]].append(index)
     return parts
 
 

@@ -15,24 +15,31 @@ import torch
 from hfedmoe.config import DataConfig
 from hfedmoe.data.corpora import Corpus, DataError, TextDataset, load_corpus
 
-Batch = dict[str, torch.Tensor]  # input_ids (B, T), attention_mask (B, T), labels (B,); int64
+# input_ids (B, T), attention_mask (B, T), labels (B,) or (B, T); int64
+Batch = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True, eq=False)
 class TokenizedSet:
-    """Token ids and labels of N texts, padded to a common length T."""
+    """Token ids and labels of N texts, padded to a common length T.
+
+    ``labels``: (N,) class ids (classification) or (N, T) the token to learn at each position,
+    -100 where nothing is learned (causal-lm, hfedmoe.data.instructions; unshifted: position t
+    holds token t, the model's logits at t-1 predict it).
+    """
 
     input_ids: torch.Tensor       # (N, T) int64
     attention_mask: torch.Tensor  # (N, T) int64, 1 = token, 0 = padding
-    labels: torch.Tensor          # (N,) int64 class ids
+    labels: torch.Tensor          # (N,) or (N, T) int64
+    dropped: int = 0              # examples left out by tokenisation (causal-lm: no room to learn)
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2 or self.attention_mask.shape != self.input_ids.shape:
             raise DataError(f"input_ids {tuple(self.input_ids.shape)} and attention_mask "
                             f"{tuple(self.attention_mask.shape)} must share a shape (N, T)")
-        if self.labels.shape != (self.input_ids.shape[0],):
+        if self.labels.shape not in ((self.input_ids.shape[0],), self.input_ids.shape):
             raise DataError(f"labels {tuple(self.labels.shape)} must have shape "
-                            f"({self.input_ids.shape[0]},)")
+                            f"({self.input_ids.shape[0]},) or {tuple(self.input_ids.shape)}")
         for name in ("input_ids", "attention_mask", "labels"):
             if getattr(self, name).dtype != torch.int64:
                 raise DataError(f"{name} must be int64, got {getattr(self, name).dtype}")
@@ -143,6 +150,7 @@ def _batch(tokenized: TokenizedSet, rows: torch.Tensor) -> Batch:
     mask = tokenized.attention_mask[rows]  # (B, T)
     columns = mask.any(dim=0).nonzero().flatten()
     first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, 1)
+    labels = tokenized.labels[rows]
     return {"input_ids": tokenized.input_ids[rows, first:last],
             "attention_mask": mask[:, first:last],
-            "labels": tokenized.labels[rows]}
+            "labels": labels[:, first:last] if labels.dim() == 2 else labels}

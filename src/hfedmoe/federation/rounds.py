@@ -157,12 +157,16 @@ class RoundBook:
                               "bytes_down": self._pending.get("bytes_down", 0) + bytes_down})
         return summary
 
-    def evaluated(self, server_round: int, accuracy: float, loss: float) -> dict:
+    def evaluated(self, server_round: int, accuracy: float, loss: float,
+                  metrics: Mapping[str, float] | None = None) -> dict:
+        """Close the round's record with the global model's evaluation (``metrics``: the
+        task's extras, e.g. causal-lm's perplexity, exact_match, rouge_l) and write it."""
         now = time.perf_counter()
         record = {
             "round": server_round,
             "accuracy": accuracy,
             "loss": loss,
+            **dict(metrics or {}),
             "train_loss": None,
             "bytes_up": 0,
             "bytes_down": 0,

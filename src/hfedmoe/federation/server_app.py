@@ -7,6 +7,7 @@ that pass none (Flower's ``run_simulation``). Both call :func:`run_server`.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
@@ -30,7 +31,10 @@ from hfedmoe.progress import ProgressDisplay
 from hfedmoe.report import RunRecorder, nothing_learned_reason
 from hfedmoe.run_dir import set_aside_earlier_run
 from hfedmoe.strategies import method_for
-from hfedmoe.training import evaluate
+from hfedmoe.tasks import task_for
+
+FINAL_MODEL_DIR = "final-model"  # <out>/final-model: the model users load (README)
+GENERATIONS_FILE = "generations.jsonl"  # causal-lm: greedy answers of each evaluated round
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +89,7 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
     adapter, test_set, client_sizes = prepared.adapter, prepared.test_set, prepared.client_sizes
     for note in prepared.corpus.notes:
         log.warning("data: %s", note)
+    task = task_for(config.task)
     params = set_trainable(adapter, config.model.trainable_non_expert)
     initial = records.to_array_record(resumed.global_state if resumed else read_state(params))
     calibration = prepared.calibration
@@ -108,9 +113,15 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
 
         def evaluate_global(server_round: int, arrays) -> MetricRecord:
             write_state(params, records.from_array_record(arrays))
-            accuracy, loss = evaluate(adapter, test_set, config.train.eval_batch_size)
-            book.evaluated(server_round, accuracy, loss)
-            return MetricRecord({"accuracy": accuracy, "loss": loss})
+            result = task.evaluate(adapter, test_set, config.train.eval_batch_size)
+            metrics = dict(result.metrics)
+            report = task.generation_report(adapter, prepared.tokenizer, prepared.corpus.test,
+                                            config.generate)
+            if report is not None:
+                metrics.update(report.metrics)
+                write_generations(Path(config.out), server_round, report.samples)
+            book.evaluated(server_round, result.accuracy, result.loss, metrics)
+            return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, **metrics})
 
         def on_reply(reply: Message) -> None:
             if reply.metadata.message_type == MessageType.TRAIN:
@@ -130,12 +141,25 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
                                     rng=ckpt.rng_states()),
                     keep=config.checkpoint.keep)
 
-        run_rounds(strategy, ProgressGrid(grid, on_reply), initial,
-                   first_round=resumed.server_round + 1 if resumed else 1,
-                   num_rounds=config.num_server_rounds,
-                   policy=RoundPolicy.from_config(config.federation),
-                   evaluate_fn=evaluate_global, after_round=save)
+        final = run_rounds(strategy, ProgressGrid(grid, on_reply), initial,
+                           first_round=resumed.server_round + 1 if resumed else 1,
+                           num_rounds=config.num_server_rounds,
+                           policy=RoundPolicy.from_config(config.federation),
+                           evaluate_fn=evaluate_global, after_round=save)
+    write_state(params, records.from_array_record(final))
+    task.export(adapter, prepared.tokenizer, Path(config.out) / FINAL_MODEL_DIR, config,
+                prepared.corpus.label_names)
     return recorder.finish(earlier_seconds + time.perf_counter() - started)
+
+
+def write_generations(out_dir: Path, server_round: int, samples: list[dict[str, str]]) -> None:
+    """Append one line ``{"round", "samples": [{"prompt", "reference", "generation"}]}`` to
+    ``<out>/generations.jsonl`` (causal-lm; a new run starts the file afresh)."""
+    path = out_dir / GENERATIONS_FILE
+    mode = "w" if server_round == 0 else "a"
+    with open(path, mode, encoding="utf-8") as file:
+        file.write(json.dumps({"round": server_round, "samples": samples},
+                              ensure_ascii=False) + "\n")
 
 
 def make_server_app(flat_config: Mapping, prepared: PreparedRun | None = None) -> ServerApp:

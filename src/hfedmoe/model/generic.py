@@ -71,13 +71,15 @@ class ModelAdapter:
         return dict(self.routers[layer].named_parameters())
 
     def non_expert_parameters(self, scope: str) -> dict[str, nn.Parameter]:
-        """``"head"``: ``classifier.*``; ``"all"``: every parameter that is not a routed
+        """``"head"``: the head (``classifier.*``, or ``lm_head.*`` of a causal LM when its
+        head is not tied to the input embedding); ``"all"``: every parameter that is not a routed
         expert, a router or an input embedding. Returned regardless of ``requires_grad``;
         names are the model's own (``backbone.…`` / ``classifier.…``)."""
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
         named = dict(self.model.named_parameters())
-        keep = [n for n in self._non_expert if scope == "all" or n.startswith(HEAD_PREFIX)]
+        head = getattr(self.model, "head_prefix", HEAD_PREFIX)
+        keep = [n for n in self._non_expert if scope == "all" or n.startswith(head)]
         return {name: named[name] for name in keep}
 
     # --- context managers ------------------------------------------------------------

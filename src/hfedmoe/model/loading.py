@@ -80,10 +80,18 @@ def family_spec(family: str) -> FamilySpec:
     return FAMILIES[family]
 
 
-def load_adapter(model_cfg: ModelConfig, num_labels: int, seed: int) -> ModelAdapter:
-    """The classifier adapter for ``model_cfg.name`` (see the module docstring)."""
+def load_adapter(model_cfg: ModelConfig, num_labels: int, seed: int,
+                 head: str = "classifier") -> ModelAdapter:
+    """The adapter for ``model_cfg.name`` (see the module docstring) with a ``head``:
+    ``"classifier"`` (:class:`MoEClassifier`, ``num_labels`` classes) or ``"causal-lm"``
+    (:class:`hfedmoe.model.causal_lm.MoECausalLM`, the model's own LM head; decoder families
+    with fused experts only, else UnsupportedModelError)."""
     name = model_cfg.name
-    if name == MINILM_MOE:
+    if head == "causal-lm":
+        adapter = _causal_lm_adapter(model_cfg, seed)
+    elif head != "classifier":
+        raise ValueError(f"head must be 'classifier' or 'causal-lm', got {head!r}")
+    elif name == MINILM_MOE:
         adapter = _minilm_adapter(model_cfg, num_labels, seed)
     elif name.startswith(TINY_PREFIX):
         family = name[len(TINY_PREFIX):]
@@ -159,6 +167,53 @@ def adapter_from_backbone(backbone: transformers.PreTrainedModel, family: str, n
     embedding_names = [n for n, p in model.named_parameters() if id(p) in embedding_ids]
     return ModelAdapter(family, model, banks, routers, spec.routing, spec.top_k(backbone.config),
                         embedding_names)
+
+
+def _causal_lm_adapter(model_cfg: ModelConfig, seed: int) -> ModelAdapter:
+    """A fused-family ``*ForCausalLM`` (tiny random from ``seed``, or pretrained), converted."""
+    from transformers import AutoModelForCausalLM
+
+    from hfedmoe.model.causal_lm import MoECausalLM
+
+    name = model_cfg.name
+    if name == MINILM_MOE:
+        raise UnsupportedModelError(
+            "task 'causal-lm' needs a decoder MoE language model ('tiny:<family>', "
+            "'smollm2-moe' or a folder of a supported family); 'minilm-moe' is an encoder")
+    if name.startswith(TINY_PREFIX):
+        family = name[len(TINY_PREFIX):]
+        config = _causal_config(family, family_spec(family).tiny_config(family), model_cfg)
+        with seeded(seed):
+            causal_lm = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    else:
+        folder = model_folder(model_cfg)
+        config = pretrained_config(folder)
+        config = _causal_config(config.model_type, config, model_cfg)
+        try:
+            causal_lm = AutoModelForCausalLM.from_pretrained(folder, config=config,
+                                                             dtype=torch.float32)
+        except OSError as exc:
+            raise ModelNotFoundError(f"model '{folder}': its weights could not be loaded "
+                                     f"({_first_line(exc)}){_offline_hint(folder)}") from exc
+    family = config.model_type
+    spec = family_spec(family)
+    banks, routers = spec.convert(causal_lm.get_decoder())
+    model = MoECausalLM(causal_lm)
+    embedding_ids = {id(p) for p in causal_lm.get_input_embeddings().parameters()}
+    embedding_names = [n for n, p in model.named_parameters() if id(p) in embedding_ids]
+    return ModelAdapter(family, model, banks, routers, spec.routing, spec.top_k(config),
+                        embedding_names)
+
+
+def _causal_config(family: str, config: PretrainedConfig, model_cfg: ModelConfig
+                   ) -> PretrainedConfig:
+    if family not in hf_moe.FUSED_FAMILIES:
+        raise UnsupportedModelError(
+            f"task 'causal-lm': model_type '{family}' is not a supported decoder family; "
+            f"supported: {', '.join(hf_moe.FUSED_FAMILIES)}")
+    _set_dropout(config, family_spec(family).dropout_keys, model_cfg.dropout)
+    config.use_cache = False
+    return config
 
 
 def _minilm_adapter(model_cfg: ModelConfig, num_labels: int, seed: int) -> ModelAdapter:

@@ -1,0 +1,334 @@
+"""Instruction corpora for ``task = "causal-lm"``: (prompt, response) pairs, each in a group.
+
+A corpus is a :class:`~hfedmoe.data.corpora.Corpus` whose datasets hold the prompts in
+``texts``, the answers in ``responses`` and a group id in ``labels`` (a topic, a WordNet
+lexicographer file, or the single group ``"all"``); the partitioners split by group
+(``data.partition = "natural"``: one client per group, :mod:`hfedmoe.data.partition`).
+
+Sources (``data.source``):
+
+* ``file`` - a ``.jsonl`` or ``.csv`` file (same reading rules and one-line errors as the
+  classification files, :func:`hfedmoe.data.corpora.load_file`). Each row in one of the common
+  shapes, recognised by its fields: ``messages`` (a chat: a list of ``{"role", "content"}``;
+  the last assistant turn is the response and the user turn before it the prompt; earlier
+  turns are not used), Alpaca's ``instruction`` (+ optional ``input``, appended after a blank
+  line) and ``output``, ``prompt`` and ``response`` (or ``completion``), ``question`` and
+  ``answer``. ``data.label-field``, when rows have it, names the group; ``split``
+  (train/test) as for classification.
+* ``wordnet`` - WordNet 3.0: "What does the noun 'bank' mean?" -> the gloss's definition
+  (without its quoted examples), the first sense of each (word, part of speech) by file
+  offset; group = lexicographer file (45).
+* ``quiz`` - the quiz files of the Debian package ``bsdgames`` (33 topics: capitals, elements,
+  presidents, Latin, collectives, ...): for a line ``v0:v1:...`` under field names
+  ``n0:n1:...`` (the quiz ``index``), "<n0>: <v0>. What is the <nk>?" -> ``vk`` for each
+  k >= 1, alternatives resolved to their first, full form; group = topic.
+* ``hf`` - a Hugging Face dataset with the same row shapes (network permitting).
+
+Rows whose prompt or response is empty are dropped and reported in ``Corpus.notes``; a
+non-string value raises DataError naming the row. Pairs are de-duplicated on (prompt,
+response) and split like classification texts: ``round(test_fraction * n_g)`` pairs of each
+group to test, ranked by a hash of the pair, so the split depends on the data alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import datasets
+
+from hfedmoe.config import DataConfig
+from hfedmoe.data.corpora import (
+    SPLIT_COLUMN,
+    Corpus,
+    DataError,
+    TextDataset,
+    _at,
+    _default_places,
+    _kind,
+    _label_name,
+    _places_text,
+    _read_csv,
+    _read_jsonl,
+    _read_text,
+    _split_name,
+    _is_int,
+    limit_examples,
+)
+
+SINGLE_GROUP = "all"
+QUIZ_FOLDER = Path("/usr/share/games/bsdgames/quiz")
+QUIZ_HINT = "install it with `make bench-setup` (or: apt-get install bsdgames)"
+POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
+# row shapes: (prompt fields, response field), tried in this order
+SHAPES = ((("instruction", "input"), "output"), (("prompt",), "response"),
+          (("prompt",), "completion"), (("question",), "answer"))
+
+
+def load_instruction_corpus(cfg: DataConfig) -> Corpus:
+    """The instruction corpus named by ``cfg.source`` (module docstring), then
+    ``data.max-examples`` (stratified by split and group)."""
+    loaders: dict[str, Callable[[DataConfig], Corpus]] = {
+        "file": load_instruction_file, "wordnet": load_wordnet_instructions,
+        "quiz": load_quiz, "hf": load_hf_instructions}
+    if cfg.source not in loaders:
+        raise DataError(f"data.source {cfg.source!r} has no instruction pairs for task "
+                        f"'causal-lm'; expected one of {sorted(loaders)}")
+    return limit_examples(loaders[cfg.source](cfg), cfg.max_examples)
+
+
+# --- rows -> pairs --------------------------------------------------------------------------
+
+def row_pair(row: Mapping[str, Any], at: str) -> tuple[Any, Any]:
+    """(prompt, response) of one row in a shape of the module docstring; DataError if the row
+    has none of them."""
+    if "messages" in row:
+        return _chat_pair(row["messages"], at)
+    for prompt_fields, response_field in SHAPES:
+        if prompt_fields[0] in row and response_field in row:
+            prompt = row[prompt_fields[0]]
+            extra = row.get(prompt_fields[1]) if len(prompt_fields) > 1 else None
+            _check_string(prompt, at, prompt_fields[0])
+            _check_string(extra, at, prompt_fields[1] if len(prompt_fields) > 1 else "")
+            if isinstance(prompt, str) and isinstance(extra, str) and extra.strip():
+                prompt = f"{prompt}\n\n{extra}"
+            return prompt, row[response_field]
+    raise DataError(f"{at}: no instruction fields; expected 'messages', 'instruction' + "
+                    "'output', 'prompt' + 'response' (or 'completion'), or 'question' + "
+                    f"'answer'; fields: {', '.join(map(str, row)) or 'none'}")
+
+
+def _chat_pair(messages: Any, at: str) -> tuple[Any, Any]:
+    if not isinstance(messages, list) or not all(
+            isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
+        raise DataError(f"{at}: field 'messages' must be a list of objects with 'role' and "
+                        "'content'")
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    user = max((i for i, m in enumerate(messages[:last or 0]) if m["role"] == "user"),
+               default=None)
+    if last is None or user is None:
+        raise DataError(f"{at}: field 'messages' has no user turn followed by an assistant turn")
+    return messages[user]["content"], messages[last]["content"]
+
+
+def _check_string(value: Any, at: str, field: str) -> None:
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{at}: field '{field}' is {_kind(value)}, not a string")
+
+
+def rows_to_instruction_corpus(rows: Sequence[Mapping[str, Any]], cfg: DataConfig, origin: str,
+                               lines: Sequence[int] | None = None) -> Corpus:
+    """Rows -> corpus: pairs by :func:`row_pair`, group by ``cfg.label_field`` when any row
+    has it (then every row must), ``split`` likewise; empty pairs dropped (noted)."""
+    places = _default_places(lines, len(rows))
+    grouped = any(cfg.label_field in row for row in rows)
+    has_split = any(SPLIT_COLUMN in row for row in rows)
+    prompts, responses, groups, splits, dropped = [], [], [], [], []
+    for row, place in zip(rows, places):
+        at = _at(origin, place)
+        for field, needed in ((cfg.label_field, grouped), (SPLIT_COLUMN, has_split)):
+            if needed and field not in row:
+                raise DataError(f"{at}: field '{field}' is missing (other rows have one)")
+        prompt, response = row_pair(row, at)
+        _check_string(prompt, at, "prompt")
+        _check_string(response, at, "response")
+        if not (prompt or "").strip() or not (response or "").strip():
+            dropped.append(place)
+            continue
+        prompts.append(prompt)
+        responses.append(response)
+        groups.append(_label_name(row[cfg.label_field], at, cfg.label_field) if grouped
+                      else SINGLE_GROUP)
+        splits.append(_split_name(row[SPLIT_COLUMN], at) if has_split else None)
+    if not prompts:
+        raise DataError(f"{origin}: every row has an empty prompt or response")
+    ids, names = group_ids(groups)
+    corpus = (split_pairs(prompts, responses, ids, names, cfg.test_fraction) if not has_split
+              else _corpus([(p, r, g) for p, r, g, s in zip(prompts, responses, ids, splits)
+                            if s == "train"],
+                           [(p, r, g) for p, r, g, s in zip(prompts, responses, ids, splits)
+                            if s == "test"], names))
+    notes = (f"{origin}: dropped {len(dropped)} row{'s' if len(dropped) > 1 else ''} with an "
+             f"empty prompt or response ({_places_text(dropped)})",) if dropped else ()
+    return dataclasses.replace(corpus, notes=notes)
+
+
+def group_ids(names: Sequence[str]) -> tuple[list[int], tuple[str, ...]]:
+    """Group names -> (ids, sorted unique names), numerically sorted when all are integers."""
+    unique = set(names)
+    ordered = tuple(sorted(unique, key=int if all(_is_int(n) for n in unique) else str))
+    index = {name: i for i, name in enumerate(ordered)}
+    return [index[n] for n in names], ordered
+
+
+def _pair_key(prompt: str, response: str) -> tuple[bytes, str, str]:
+    digest = hashlib.blake2b(f"{prompt}\x00{response}".encode("utf-8"), digest_size=8).digest()
+    return digest, prompt, response
+
+
+def split_pairs(prompts: Sequence[str], responses: Sequence[str], groups: Sequence[int],
+                group_names: tuple[str, ...], test_fraction: float) -> Corpus:
+    """De-duplicate (prompt, response) pairs (first group wins), then send
+    ``round(test_fraction * n_g)`` pairs of each group g to test, ranked by a hash of the pair:
+    the split depends on the data alone. Both splits are ordered by that hash."""
+    first: dict[tuple[str, str], int] = {}
+    for prompt, response, group in zip(prompts, responses, groups):
+        first.setdefault((prompt, response), group)
+    per_group: list[list[tuple[str, str]]] = [[] for _ in group_names]
+    for pair, group in first.items():
+        per_group[group].append(pair)
+    train, test = [], []
+    for group, members in enumerate(per_group):
+        members.sort(key=lambda pair: _pair_key(*pair))
+        num_test = math.floor(test_fraction * len(members) + 0.5)
+        test += [(p, r, group) for p, r in members[:num_test]]
+        train += [(p, r, group) for p, r in members[num_test:]]
+    return _corpus(train, test, group_names)
+
+
+def _corpus(train: list[tuple[str, str, int]], test: list[tuple[str, str, int]],
+            names: tuple[str, ...]) -> Corpus:
+    for name, rows in (("train", train), ("test", test)):
+        if not rows:
+            raise DataError(f"the {name} split is empty; adjust data.test-fraction or the data")
+    datasets_ = []
+    for rows in (train, test):
+        rows = sorted(rows, key=lambda row: _pair_key(row[0], row[1]))
+        datasets_.append(TextDataset(tuple(r[0] for r in rows), tuple(r[2] for r in rows), names,
+                                     tuple(r[1] for r in rows)))
+    return Corpus(datasets_[0], datasets_[1], names)
+
+
+# --- sources --------------------------------------------------------------------------------
+
+def load_instruction_file(cfg: DataConfig) -> Corpus:
+    """A ``.jsonl``/``.csv`` instruction file (module docstring)."""
+    path = Path(cfg.path)
+    origin = f"data.path '{path}'"
+    readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
+    if path.suffix.lower() not in readers:
+        raise DataError(f"{origin}: unknown extension '{path.suffix}'; expected .jsonl or .csv")
+    if not path.is_file():
+        raise DataError(f"{origin}: file does not exist")
+    rows, lines = readers[path.suffix.lower()](_read_text(path, cfg.encoding, origin), origin)
+    if not rows:
+        raise DataError(f"{origin}: the file holds no examples")
+    return rows_to_instruction_corpus(rows, cfg, origin, lines)
+
+
+def load_hf_instructions(cfg: DataConfig) -> Corpus:
+    """``datasets.load_dataset(cfg.hf_name)``'s train (+ test) rows (module docstring)."""
+    origin = f"data.hf-name '{cfg.hf_name}'"
+    try:
+        loaded = datasets.load_dataset(cfg.hf_name)
+    except Exception as exc:  # the hub raises many types
+        reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+        raise DataError(f"{origin}: the dataset could not be loaded ({reason})") from exc
+    if not isinstance(loaded, datasets.DatasetDict) or "train" not in loaded:
+        raise DataError(f"{origin}: no 'train' split")
+    rows, places = [], []
+    for name in ("train", "test"):
+        if name in loaded:
+            for i, row in enumerate(loaded[name]):
+                rows.append({**row, SPLIT_COLUMN: name} if "test" in loaded else row)
+                places.append(f"{name} row {i}")
+    return rows_to_instruction_corpus(rows, cfg, origin, places)
+
+
+def load_wordnet_instructions(cfg: DataConfig) -> Corpus:
+    """WordNet 3.0 definitions as instructions (module docstring)."""
+    from hfedmoe.data.wordnet import DATA_FILES, LEXNAMES, wordnet_folder
+
+    folder = wordnet_folder(cfg.path)
+    seen: set[str] = set()
+    prompts, responses, groups = [], [], []
+    for name in DATA_FILES:
+        with (folder / name).open(encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.startswith("  ") or not line.strip():
+                    continue
+                head, bar, gloss = line.partition(" | ")
+                fields = head.split()
+                if not bar or len(fields) < 6 or not fields[1].isdigit() \
+                        or int(fields[1]) >= len(LEXNAMES):
+                    raise DataError(f"{folder / name}:{number}: not a WordNet synset line")
+                word = fields[4].replace("_", " ")
+                word = re.sub(r"\([a-z]+\)$", "", word)  # adjective markers such as (a)
+                prompt = f"What does the {POS_NAMES.get(fields[2], 'word')} '{word}' mean?"
+                definition = " ".join(gloss.split('; "')[0].split()).strip()
+                if prompt in seen or not definition:
+                    continue
+                seen.add(prompt)
+                prompts.append(prompt)
+                responses.append(definition)
+                groups.append(int(fields[1]))
+    return split_pairs(prompts, responses, groups, LEXNAMES, cfg.test_fraction)
+
+
+def load_quiz(cfg: DataConfig) -> Corpus:
+    """The bsdgames quizzes as instructions (module docstring); ``data.path``: the quiz
+    folder ("" = /usr/share/games/bsdgames/quiz)."""
+    folder = Path(cfg.path) if cfg.path else QUIZ_FOLDER
+    index = folder / "index"
+    if not index.is_file():
+        raise DataError(f"data.source 'quiz': '{index}' does not exist; {QUIZ_HINT}, or set "
+                        "data.path to the folder holding the quiz files")
+    prompts, responses, groups, topics = [], [], [], []
+    for entry in _joined_lines(index.read_text(encoding="utf-8", errors="replace")):
+        path, _, spec = entry.partition(":")
+        topic = Path(path).name
+        names = [canonical(n) for n in _fields(spec)]
+        file = folder / topic
+        if not file.is_file() or len(names) < 2:
+            continue
+        topics.append(topic)
+        for line in _joined_lines(file.read_text(encoding="utf-8", errors="replace")):
+            values = [canonical(v) for v in _fields(line)]
+            if not values or not values[0]:
+                continue
+            for k in range(1, min(len(names), len(values))):
+                if values[k]:
+                    prompts.append(f"{names[0]}: {values[0]}. What is the {names[k]}?")
+                    responses.append(values[k])
+                    groups.append(topic)
+    if not prompts:
+        raise DataError(f"data.source 'quiz': no question in '{folder}'")
+    ids, names = group_ids(groups)
+    return split_pairs(prompts, responses, ids, names, cfg.test_fraction)
+
+
+def _joined_lines(text: str) -> list[str]:
+    """Lines with backslash continuations joined, blank ones dropped."""
+    return [line for line in text.replace("\\\n", "").splitlines() if line.strip()]
+
+
+def _fields(line: str) -> list[str]:
+    """``line`` split at the colons outside braces and brackets."""
+    fields, depth, current = [], 0, ""
+    for char in line:
+        if char in "{[":
+            depth += 1
+        elif char in "}]":
+            depth -= 1
+        if char == ":" and depth == 0:
+            fields.append(current)
+            current = ""
+        else:
+            current += char
+    return fields + [current]
+
+
+def canonical(value: str) -> str:
+    """A quiz value's full form: optional parts ``{x}`` kept, the first of ``[a|b]`` and of
+    top-level ``a|b`` alternatives; whitespace normalised."""
+    while True:  # innermost groups first
+        match = re.search(r"[{\[]([^{}\[\]]*)[}\]]", value)
+        if match is None:
+            break
+        inner = match.group(1).split("|")[0]
+        value = value[:match.start()] + inner + value[match.end():]
+    return " ".join(value.split("|")[0].split())

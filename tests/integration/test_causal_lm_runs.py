@@ -1,0 +1,81 @@
+"""Task causal-lm end to end, in-process: the shipped tiny-lm config learns (held-out loss and
+perplexity fall), every method runs on it within its budgets, and the final model loads with
+stock transformers and answers through ``hfedmoe generate``."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from hfedmoe.checkpoint import load_latest
+from hfedmoe.cli import main
+from hfedmoe.config import METHODS, load_config_file, parse_run_config
+from hfedmoe.federation.grids import InProcessGrid
+from hfedmoe.federation.client_app import make_client_app
+from hfedmoe.federation.server_app import run_server
+from hfedmoe.model.state import set_trainable, write_state
+from hfedmoe.tasks import task_for
+from hfedmoe.tasks.causal_lm import causal_lm_loss
+
+pytestmark = pytest.mark.slow
+TINY_LM = load_config_file("conf/tiny-lm.toml")
+
+
+def run(tmp_path, **overrides):
+    config = parse_run_config(TINY_LM, {"out": str(tmp_path / "run"), **overrides})
+    grid = InProcessGrid(make_client_app(), config.data.num_clients)
+    return config, run_server(grid, config)
+
+
+def test_tiny_lm_learns_and_leaves_a_model_transformers_loads(tmp_path, capsys):
+    config, summary = run(tmp_path)
+    assert summary["task"] == "causal-lm" and summary["trained_rounds"] == 3
+    perplexity = summary["perplexity_by_round"]
+    assert perplexity[-1] < 0.1 * perplexity[0]  # measured: ~31,000 -> ~290
+    assert summary["final_perplexity"] == pytest.approx(perplexity[-1])
+    assert summary["loss_by_round"][-1] < summary["loss_by_round"][0] - 2.0
+    for key in ("final_exact_match", "final_rouge_l"):
+        assert 0.0 <= summary[key] <= 1.0
+    lines = [json.loads(l) for l in (tmp_path / "run" / "generations.jsonl").read_text()
+             .splitlines()]
+    assert [l["round"] for l in lines] == [0, 1, 2, 3]
+    assert len(lines[-1]["samples"]) == config.generate.examples
+    assert set(lines[-1]["samples"][0]) == {"prompt", "reference", "generation"}
+
+    # the exported model is the final global model: stock transformers reproduces its loss
+    folder = tmp_path / "run" / "final-model"
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    task = task_for("causal-lm")
+    adapter = task.build_adapter(config.model, 0, config.seed)
+    write_state(set_trainable(adapter, config.model.trainable_non_expert),
+                load_latest(tmp_path / "run" / "checkpoints").global_state)
+    batch = tokenizer(["What is the capital of France?"], return_tensors="pt",
+                      return_token_type_ids=False)
+    with torch.no_grad():
+        ours = adapter.model(batch["input_ids"], batch["attention_mask"])
+        theirs = model(**batch).logits
+    assert torch.allclose(ours, theirs, atol=1e-5)
+    labels = batch["input_ids"].clone()
+    with torch.no_grad():
+        assert float(model(**batch, labels=labels).loss) == pytest.approx(
+            float(causal_lm_loss(theirs, labels)), rel=1e-5)
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--prompt", "What is the capital of "
+                 "France?", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_runs_on_causal_lm_within_its_budgets(tmp_path, method):
+    config, summary = run(tmp_path, method=method, **{
+        "num-server-rounds": 1, "train.local-steps": 3, "generate.examples": 2,
+        "checkpoint.every": 0, "budget.experts": "2,4,16"})
+    assert summary["trained_rounds"] == 1, method
+    assert summary["final_loss"] < summary["loss_by_round"][0], method
+    clients = summary["clients"]
+    assert [c["budget_experts"] for c in clients] == [2, 4, 16, 2]
+    ignores_budgets = method in ("fedavg", "fedavg-full")
+    assert all(c["within_budget"] for c in clients) != ignores_budgets, clients

@@ -1,0 +1,150 @@
+"""Instruction corpora (hfedmoe.data.instruct): row shapes, groups, splits, errors, sources."""
+
+import json
+
+import pytest
+
+from hfedmoe.config import parse_run_config
+from hfedmoe.data import DataError
+from hfedmoe.data.instruct import (
+    canonical,
+    load_instruction_corpus,
+    load_quiz,
+    row_pair,
+    rows_to_instruction_corpus,
+)
+from hfedmoe.data.partition import client_split, natural_partition
+
+TINY_INSTRUCT = "conf/data/tiny-instruct.jsonl"
+
+
+def data_cfg(**overrides):
+    flat = {"task": "causal-lm", "data.source": "file", "data.path": "x.jsonl",
+            **{f"data.{k.replace('_', '-')}": v for k, v in overrides.items()}}
+    return parse_run_config(flat).data
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("row, expected", [
+    ({"instruction": "Add", "input": "2 and 3", "output": "5"}, ("Add\n\n2 and 3", "5")),
+    ({"instruction": "Say hi", "input": "", "output": "hi"}, ("Say hi", "hi")),
+    ({"prompt": "p", "response": "r"}, ("p", "r")),
+    ({"prompt": "p", "completion": "c"}, ("p", "c")),
+    ({"question": "q", "answer": "a"}, ("q", "a")),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
+                   {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
+                   {"role": "assistant", "content": "a2"}]}, ("u2", "a2")),
+])
+def test_the_common_row_shapes_give_their_pair(row, expected):
+    assert row_pair(row, "row 0") == expected
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"text": "t", "label": "x"}, "no instruction fields"),
+    ({"messages": [{"role": "user", "content": "u"}]}, "no user turn followed by"),
+    ({"messages": "hello"}, "must be a list of objects"),
+    ({"prompt": 5, "response": "r"}, "field 'prompt' is a number"),
+])
+def test_rows_without_a_pair_are_one_line_errors(row, message):
+    with pytest.raises(DataError, match=message) as info:
+        rows_to_instruction_corpus([row] * 4, data_cfg(), "data.path 'x.jsonl'", [1, 2, 3, 4])
+    assert "\n" not in str(info.value) and "x.jsonl'" in str(info.value)
+
+
+def test_empty_pairs_are_dropped_and_reported(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(10)]
+    rows += [{"prompt": "  ", "response": "r"}, {"prompt": "p", "response": None}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    corpus = load_instruction_corpus(data_cfg(path=str(path)))
+    assert len(corpus.train) + len(corpus.test) == 10
+    assert corpus.notes == (f"data.path '{path}': dropped 2 rows with an empty prompt or "
+                            "response (lines 11, 12)",)
+    pairs = set(zip(corpus.train.texts + corpus.test.texts,
+                    corpus.train.responses + corpus.test.responses))
+    assert pairs == {(f"p{i}", f"r{i}") for i in range(10)}  # nothing else lost or mixed
+
+
+def test_groups_split_per_group_and_a_missing_group_is_named(tmp_path):
+    rows = [{"prompt": f"{t} {i}", "response": str(i), "topic": t}
+            for t in ("a", "b") for i in range(10)]
+    corpus = load_instruction_corpus(data_cfg(path=str(write_jsonl(tmp_path / "g.jsonl", rows)),
+                                              label_field="topic", test_fraction=0.2))
+    assert corpus.label_names == ("a", "b")
+    assert sorted(corpus.test.labels) == [0, 0, 1, 1]  # round(0.2 * 10) of each group
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:3] + [{"prompt": "p", "response": "r"}])
+    with pytest.raises(DataError, match=r"bad.jsonl':4: field 'topic' is missing"):
+        load_instruction_corpus(data_cfg(path=str(bad), label_field="topic"))
+
+
+def test_the_split_depends_on_the_data_alone(tmp_path):
+    rows = [{"prompt": f"p{i}", "response": f"r{i}"} for i in range(40)]
+    first = load_instruction_corpus(data_cfg(path=str(write_jsonl(tmp_path / "1.jsonl", rows))))
+    again = load_instruction_corpus(
+        data_cfg(path=str(write_jsonl(tmp_path / "2.jsonl", rows[::-1]))))
+    assert first.test == again.test and first.train == again.train
+    assert not set(first.test.texts) & set(first.train.texts)
+
+
+def test_natural_partition_gives_whole_groups_to_clients():
+    labels = [2, 0, 1, 0, 2, 2, 3]
+    assert natural_partition(labels, 4) == [[1, 3], [2], [0, 4, 5], [6]]  # one group each
+    assert natural_partition(labels, 2) == [[0, 1, 3, 4, 5], [2, 6]]  # groups 0, 2 | 1, 3
+    with pytest.raises(DataError, match=r"the training data has 4 \('w', 'x', 'y', 'z'\) for "
+                                        r"data.num-clients = 5; lower data.num-clients to at "
+                                        r"most 4"):
+        natural_partition(labels, 5, ("w", "x", "y", "z"))
+
+
+def test_the_shipped_tiny_instruction_file_splits_naturally_by_topic():
+    config = parse_run_config({
+        "task": "causal-lm", "data.source": "file", "data.path": TINY_INSTRUCT,
+        "data.label-field": "topic", "data.partition": "natural", "data.num-clients": 4})
+    corpus = load_instruction_corpus(config.data)
+    assert corpus.label_names == ("capitals", "numbers", "opposites", "plurals")
+    for client in range(4):
+        train, test = client_split(corpus, config.data, config.seed, client)
+        assert set(train.labels) == {client} and len(train) > 20
+
+
+def test_quiz_values_resolve_to_their_full_first_form():
+    assert canonical("{G{eorge} }Washington") == "George Washington"
+    assert canonical("M[iddle{-}Earth|E]") == "Middle-Earth"
+    assert canonical("actors|soldiers") == "actors"
+    assert canonical("{I }[injure|thwart]") == "I injure"
+
+
+def test_quiz_source_reads_an_index_and_its_topics(tmp_path):
+    (tmp_path / "index").write_text(f"{tmp_path}/africa:Africa{{n}}:cap{{ital}}\n"
+                                    f"{tmp_path}/elements:symbol:number:weight:element\n")
+    (tmp_path / "africa").write_text("Algeria:Algiers\nAngola:Luanda\nKenya:Nairobi\n"
+                                     "Ghana:Accra\nMali:Bamako\n")
+    (tmp_path / "elements").write_text("H:1:1.008:Hydrogen\nHe:2:4.003:\\\nHelium\n")
+    corpus = load_quiz(data_cfg(source="quiz", path=str(tmp_path), test_fraction=0.2))
+    pairs = dict(zip(corpus.train.texts + corpus.test.texts,
+                     corpus.train.responses + corpus.test.responses))
+    assert pairs["African: Algeria. What is the capital?"] == "Algiers"
+    assert pairs["symbol: He. What is the element?"] == "Helium"  # a continued line
+    assert pairs["symbol: H. What is the weight?"] == "1.008"
+    assert len(pairs) == 5 + 2 * 3 and corpus.label_names == ("africa", "elements")
+
+
+def test_quiz_source_without_bsdgames_says_how_to_install(tmp_path):
+    with pytest.raises(DataError, match="apt-get install bsdgames"):
+        load_quiz(data_cfg(source="quiz", path=str(tmp_path / "none")))
+
+
+def test_wordnet_instructions_define_words_from_the_fixture():
+    corpus = load_instruction_corpus(data_cfg(source="wordnet", path="tests/fixtures/wordnet"))
+    pairs = dict(zip(corpus.train.texts + corpus.test.texts,
+                     corpus.train.responses + corpus.test.responses))
+    assert pairs["What does the verb 'rain' mean?"] == "precipitate as rain"
+    assert all(not r.startswith('"') and '"' not in r[:1] for r in pairs.values())
+
+
+def test_quiz_is_refused_for_classification():
+    with pytest.raises(Exception, match="'quiz' only with task = 'causal-lm'"):
+        parse_run_config({"data.source": "quiz"})
