@@ -115,6 +115,7 @@ def test_quiz_values_resolve_to_their_full_first_form():
     assert canonical("M[iddle{-}Earth|E]") == "Middle-Earth"
     assert canonical("actors|soldiers") == "actors"
     assert canonical("{I }[injure|thwart]") == "I injure"
+    assert canonical("13{(odd nos.)}") == "13"  # a parenthesised note is not the answer
 
 
 def test_quiz_source_reads_an_index_and_its_topics(tmp_path):

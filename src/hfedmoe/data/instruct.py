@@ -21,7 +21,7 @@ Sources (``data.source``):
 * ``quiz`` - the quiz files of the Debian package ``bsdgames`` (33 topics: capitals, elements,
   presidents, Latin, collectives, ...): for a line ``v0:v1:...`` under field names
   ``n0:n1:...`` (the quiz ``index``), "<n0>: <v0>. What is the <nk>?" -> ``vk`` for each
-  k >= 1, alternatives resolved to their first, full form; group = topic.
+  k >= 1, alternatives resolved to their first, full form (:func:`canonical`); group = topic.
 * ``hf`` - a Hugging Face dataset with the same row shapes (network permitting).
 
 Rows whose prompt or response is empty are dropped and reported in ``Corpus.notes``; a
@@ -323,8 +323,10 @@ def _fields(line: str) -> list[str]:
 
 
 def canonical(value: str) -> str:
-    """A quiz value's full form: optional parts ``{x}`` kept, the first of ``[a|b]`` and of
-    top-level ``a|b`` alternatives; whitespace normalised."""
+    """A quiz value's full form: optional parts ``{x}`` kept (except parenthesised notes such
+    as ``{(odd nos.)}``, dropped), the first of ``[a|b]`` and of top-level ``a|b``
+    alternatives; whitespace normalised."""
+    value = re.sub(r"\{\([^{}]*\)\}", "", value)
     while True:  # innermost groups first
         match = re.search(r"[{\[]([^{}\[\]]*)[}\]]", value)
         if match is None:

@@ -3,7 +3,8 @@ the export to a stock transformers folder.
 
 :class:`MoECausalLM` wraps a transformers ``*ForCausalLM`` whose experts were converted to
 :class:`~hfedmoe.model.sparse_experts.SparseExperts` banks (hfedmoe.model.hf_moe): its forward
-is ``logits (B, T, V) = lm_head(backbone(input_ids, attention_mask))``. Parameter names start
+returns the ``*ForCausalLM``'s own logits (B, T, V) (the family's head: a linear layer, with
+Cohere's logit scale or a soft cap where the family has one). Parameter names start
 with ``backbone.`` (the transformers base model) or ``lm_head.`` (the head; with tied word
 embeddings, as SmolLM2, the head IS the input embedding and is named only under
 ``backbone.``). The original ``*ForCausalLM`` object stays reachable as ``hf_model`` (not a
@@ -28,7 +29,7 @@ from hfedmoe.model.sparse_experts import SparseExperts
 
 
 class MoECausalLM(nn.Module):
-    """``logits (B, T, V) = lm_head(backbone(input_ids, attention_mask).last_hidden_state)``."""
+    """``logits (B, T, V)`` of the wrapped ``*ForCausalLM`` (module docstring)."""
 
     head_prefix = "lm_head."
 
@@ -43,9 +44,9 @@ class MoECausalLM(nn.Module):
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"input_ids and attention_mask must both be (batch, seq_len); got "
                              f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask,
-                               use_cache=False).last_hidden_state  # (B, T, H)
-        return self.lm_head(hidden)  # (B, T, V)
+        # the family's own head computation (logit scaling, soft-capping where it has them)
+        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask,
+                             use_cache=False).logits  # (B, T, V)
 
 
 @torch.no_grad()

@@ -1,6 +1,9 @@
-"""transformers 5.x families with FUSED experts: Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3.
+"""transformers 5.x families with FUSED experts: Qwen2-MoE, Qwen3-MoE, OLMoE, Mixtral, DeepSeek-V3,
+and every other family whose MoE block has the same structure (:func:`moe_blocks`: GraniteMoE,
+PhiMoE, Qwen3-Next, GLM-4-MoE, DeepSeek-V2, ... recognised by structure, not by name).
 
-Their MoE block ``layers[i].mlp`` holds a router ``gate`` (``weight`` (S, H), forward returns
+Their MoE block (``layers[i].mlp``; other families name it ``block_sparse_moe`` or
+``feed_forward``) holds a router ``gate`` or ``router`` (forward returns
 ``(router_logits (T,S), top_k_weights (T,k), top_k_index (T,k))``) and an ``experts`` module
 storing every expert in two tensors, ``gate_up_proj`` (S, 2I, H) and ``down_proj`` (S, H, I).
 :func:`convert_fused_experts` replaces ``experts`` IN PLACE by a :class:`SparseExperts` bank
@@ -15,8 +18,9 @@ Shared experts (Qwen2-MoE ``shared_expert`` + ``shared_expert_gate``, DeepSeek-V
 Router probabilities G_e(x) (method.md, section 1):
 
 * softmax families: ``softmax(router_logits)``, exactly what their router ranks;
-* DeepSeek-V3: its router scores experts with ``sigmoid(router_logits)`` (top-k inside the
-  best ``topk_group`` of ``n_group`` groups, after adding ``e_score_correction_bias``).
+* DeepSeek-V3 (and the other :data:`SIGMOID_SCORED` families): its router scores experts
+  with ``sigmoid(router_logits)`` (top-k inside the best ``topk_group`` of ``n_group``
+  groups, after adding ``e_score_correction_bias``).
   We define ``G_e(x) = sigmoid(l_e) / Σ_j sigmoid(l_j)`` - the sigmoid scores normalised
   to a distribution over experts, without the bias (which is a load-balancing device, not
   a preference). ``e_score_correction_bias`` is a buffer, not a router parameter: it keeps
@@ -109,22 +113,45 @@ def bank_from_fused(experts: nn.Module, layer_index: int) -> SparseExperts:
     )
 
 
+ROUTER_NAMES = ("gate", "router")  # the router child of a standard MoE block
+
+
+def moe_blocks(backbone: nn.Module) -> list[tuple[str, nn.Module, nn.Module]]:
+    """The standard transformers 5 MoE blocks of ``backbone``, in layer order:
+    ``(name, block, router)`` for each direct child of ``layers[i]`` (``mlp``,
+    ``block_sparse_moe``, ``feed_forward``, ...) that holds a fused ``experts`` module (a
+    ``gate_up_proj`` parameter) and a router child named ``gate`` or ``router``. Layers without
+    one are dense. Recognised by structure, not by ``model_type``."""
+    found = []
+    for index, layer in enumerate(getattr(backbone, "layers", [])):
+        for child_name, block in layer.named_children():
+            experts = getattr(block, "experts", None)
+            router = next((getattr(block, n) for n in ROUTER_NAMES
+                           if isinstance(getattr(block, n, None), nn.Module)), None)
+            if isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter) \
+                    and router is not None:
+                found.append((f"layers.{index}.{child_name}", block, router))
+    return found
+
+
 def convert_fused_experts(backbone: nn.Module) -> tuple[list[SparseExperts], list[nn.Module]]:
-    """Replace every ``layers[i].mlp.experts`` by a bank, in place; return (banks, routers)
-    in MoE-layer order."""
+    """Replace the fused ``experts`` of every :func:`moe_blocks` block by a bank, in place;
+    return (banks, routers) in MoE-layer order. UnsupportedModelError (one line) when the
+    model has no such block, or when a block's experts have another layout
+    (:func:`check_fused_layout`)."""
     banks: list[SparseExperts] = []
     routers: list[nn.Module] = []
-    for index, layer in enumerate(backbone.layers):
-        mlp = layer.mlp
-        if not hasattr(mlp, "experts"):
-            continue  # a dense FFN layer
-        check_fused_layout(mlp.experts, f"layers.{index}.mlp.experts")
-        bank = bank_from_fused(mlp.experts, layer_index=len(banks))
-        mlp.experts = bank
+    for name, block, router in moe_blocks(backbone):
+        check_fused_layout(block.experts, f"{name}.experts")
+        bank = bank_from_fused(block.experts, layer_index=len(banks))
+        block.experts = bank
         banks.append(bank)
-        routers.append(mlp.gate)
+        routers.append(router)
     if not banks:
-        raise UnsupportedModelError(f"{type(backbone).__name__} has no MoE layer")
+        raise UnsupportedModelError(
+            f"{type(backbone).__name__} has no MoE block of the standard transformers layout "
+            "(a router 'gate' or 'router' beside fused experts 'gate_up_proj'/'down_proj' in "
+            "a decoder layer)")
     return banks, routers
 
 
@@ -143,12 +170,57 @@ def normalised_sigmoid_routing(output: tuple[torch.Tensor, torch.Tensor, torch.T
     return scores / scores.sum(dim=-1, keepdim=True), top_k_index
 
 
-def routing_function(family: str) -> RoutingFn:
-    return normalised_sigmoid_routing if family == "deepseek_v3" else softmax_routing
+# families whose router scores experts with a sigmoid (DeepSeek-V3 style), read from their
+# modeling code in transformers 5.23; cohere2_moe chooses by config.expert_selection_fn
+SIGMOID_SCORED = ("deepseek_v3", "glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "lfm2_moe",
+                  "afmoe")
+
+
+def routing_function(family: str, config: PretrainedConfig | None = None) -> RoutingFn:
+    """G_e(x) of ``family`` (module docstring): normalised sigmoid for the families that score
+    with a sigmoid (:data:`SIGMOID_SCORED`, or ``config.expert_selection_fn = "sigmoid"``),
+    else the softmax of the router logits."""
+    sigmoid = family in SIGMOID_SCORED or \
+        getattr(config, "expert_selection_fn", "softmax") == "sigmoid"
+    return normalised_sigmoid_routing if sigmoid else softmax_routing
 
 
 def top_k(config: PretrainedConfig) -> int:
     return int(config.num_experts_per_tok)
+
+
+# A tiny config for a family recognised by structure: these attributes, where the family's
+# config has them (2 layers, hidden 64, 8 experts of 32, top-2, MiniLM's vocabulary)
+GENERIC_TINY = dict(vocab_size=30522, hidden_size=64, intermediate_size=64,
+                    moe_intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=16, num_experts=8, num_local_experts=8,
+                    n_routed_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+                    pad_token_id=0, bos_token_id=101, eos_token_id=102, use_cache=False)
+# per family: what GENERIC_TINY does not fit (tested in tests/unit/test_more_families.py)
+TINY_EXTRA: dict[str, dict] = {
+    "deepseek_v2": dict(num_key_value_heads=4, n_group=2, topk_group=1, q_lora_rank=32,
+                        kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                        first_k_dense_replace=0, head_dim=8),
+    "glm4_moe": dict(first_k_dense_replace=1, num_hidden_layers=3, n_group=1, topk_group=1),
+    "ernie4_5_moe": dict(moe_layer_start_index=0),
+}
+
+
+def generic_tiny_config(family: str) -> PretrainedConfig:
+    """A ~2M-parameter random config of any transformers family (:data:`GENERIC_TINY`,
+    :data:`TINY_EXTRA`); UnsupportedModelError when transformers does not know ``family``."""
+    try:
+        config = transformers.AutoConfig.for_model(family)
+    except ValueError:
+        raise UnsupportedModelError(f"transformers {transformers.__version__} has no "
+                                    f"model_type '{family}'") from None
+    for key, value in {**GENERIC_TINY, **TINY_EXTRA.get(family, {})}.items():
+        if hasattr(config, key):
+            setattr(config, key, value)
+    for key in [k for k in vars(config) if k.endswith("layer_types")]:  # one entry per layer
+        if isinstance(getattr(config, key), list):  # the last ones: hybrid stacks end with
+            setattr(config, key, getattr(config, key)[-config.num_hidden_layers:])  # attention
+    return config
 
 
 def tiny_config(family: str) -> PretrainedConfig:

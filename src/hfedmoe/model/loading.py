@@ -17,6 +17,8 @@ in eval mode on ``model.device``.
 
 from __future__ import annotations
 
+import copy
+import functools
 from contextlib import contextmanager
 from pathlib import Path
 from dataclasses import dataclass
@@ -52,7 +54,7 @@ class FamilySpec:
 
     base_model: type[transformers.PreTrainedModel]  # returns ``last_hidden_state``
     convert: Callable[[nn.Module], tuple[list[SparseExperts], list[nn.Module]]]  # in place
-    routing: RoutingFn
+    routing: Callable[[PretrainedConfig], RoutingFn]  # the config's router probabilities
     top_k: Callable[[PretrainedConfig], int]
     tiny_config: Callable[[str], PretrainedConfig]
     dropout_keys: tuple[str, ...]  # config attributes set to ``model.dropout``
@@ -60,24 +62,70 @@ class FamilySpec:
 
 FAMILIES: MappingProxyType[str, FamilySpec] = MappingProxyType({
     **{family: FamilySpec(hf_moe.BASE_MODELS[family], hf_moe.convert_fused_experts,
-                          hf_moe.routing_function(family), hf_moe.top_k, hf_moe.tiny_config,
+                          functools.partial(hf_moe.routing_function, family), hf_moe.top_k,
+                          hf_moe.tiny_config,
                           hf_moe.DROPOUT_KEYS)
        for family in hf_moe.FUSED_FAMILIES},
     switch.FAMILY: FamilySpec(switch.BASE_MODEL, switch.convert_switch_experts,
-                              switch.switch_routing, switch.top_k, switch.tiny_config,
+                              lambda config: switch.switch_routing, switch.top_k,
+                              switch.tiny_config,
                               switch.DROPOUT_KEYS),
 })
 SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 
 
+# Families recognised by structure (hf_moe.moe_blocks) and tested on tiny configs as
+# classifiers and causal LMs (tests/unit/test_more_families.py); the README lists them.
+TESTED_STRUCTURAL_FAMILIES = ("granitemoe", "granitemoeshared", "phimoe", "qwen3_next",
+                              "qwen3_5_moe_text", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe",
+                              "minimax", "minimax_m2", "deepseek_v2", "afmoe", "cohere2_moe")
+
+
+def unsupported(family: str, reason: str) -> UnsupportedModelError:
+    """The one-line error for a model of ``family`` that hfedmoe cannot convert."""
+    return UnsupportedModelError(
+        f"model_type '{family}' is not supported: {reason}; supported families: "
+        f"{', '.join(SUPPORTED_FAMILIES + TESTED_STRUCTURAL_FAMILIES)}, or any transformers "
+        f"family with the standard fused MoE block (or '{MINILM_MOE}')")
+
+
+def converted(spec: FamilySpec, backbone: nn.Module, family: str
+              ) -> tuple[list[SparseExperts], list[nn.Module]]:
+    """``spec.convert(backbone)`` (in place), its errors as :func:`unsupported`."""
+    try:
+        return spec.convert(backbone)
+    except UnsupportedModelError as exc:
+        raise unsupported(family, str(exc)) from None
+
+
+def check_structure(config: PretrainedConfig) -> None:
+    """Raise :func:`unsupported` unless a model of ``config`` converts: the family's base model
+    is built on the meta device (no memory, no weights) and converted."""
+    family = config.model_type
+    spec = family_spec(family)
+    with torch.device("meta"):
+        backbone = spec.base_model(copy.deepcopy(config))
+    converted(spec, backbone, family)
+
+
 def family_spec(family: str) -> FamilySpec:
-    """The spec of ``family`` (a transformers ``model_type``) or UnsupportedModelError."""
-    if family not in FAMILIES:
-        raise UnsupportedModelError(
-            f"model_type '{family}' is not supported; supported families: "
-            f"{', '.join(SUPPORTED_FAMILIES)} (or '{MINILM_MOE}')"
-        )
-    return FAMILIES[family]
+    """The spec of ``family`` (a transformers ``model_type``): a family of :data:`FAMILIES`, or
+    any decoder family transformers knows, whose MoE blocks are then recognised by structure
+    when the model is converted (UnsupportedModelError, one line, if it has none).
+    UnsupportedModelError for a model_type transformers does not know."""
+    if family in FAMILIES:
+        return FAMILIES[family]
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    try:
+        base_model = MODEL_MAPPING[CONFIG_MAPPING[family]]
+    except KeyError:
+        raise unsupported(family, f"transformers {transformers.__version__} has no base model "
+                                  "of that name") from None
+    return FamilySpec(base_model, hf_moe.convert_fused_experts,
+                      functools.partial(hf_moe.routing_function, family), hf_moe.top_k,
+                      hf_moe.generic_tiny_config, ("attention_dropout",))
 
 
 def load_adapter(model_cfg: ModelConfig, num_labels: int, seed: int,
@@ -160,12 +208,13 @@ def adapter_from_backbone(backbone: transformers.PreTrainedModel, family: str, n
                           seed: int) -> ModelAdapter:
     """Convert ``backbone``'s experts in place, add a head drawn from ``seed``, wrap it."""
     spec = family_spec(family)
-    banks, routers = spec.convert(backbone)
+    banks, routers = converted(spec, backbone, family)
     with seeded(seed):
         model = MoEClassifier(backbone, backbone.config.hidden_size, num_labels)
     embedding_ids = {id(p) for p in backbone.get_input_embeddings().parameters()}
     embedding_names = [n for n, p in model.named_parameters() if id(p) in embedding_ids]
-    return ModelAdapter(family, model, banks, routers, spec.routing, spec.top_k(backbone.config),
+    return ModelAdapter(family, model, banks, routers, spec.routing(backbone.config),
+                        spec.top_k(backbone.config),
                         embedding_names)
 
 
@@ -197,20 +246,20 @@ def _causal_lm_adapter(model_cfg: ModelConfig, seed: int) -> ModelAdapter:
                                      f"({_first_line(exc)}){_offline_hint(folder)}") from exc
     family = config.model_type
     spec = family_spec(family)
-    banks, routers = spec.convert(causal_lm.get_decoder())
+    banks, routers = converted(spec, causal_lm.get_decoder(), family)
     model = MoECausalLM(causal_lm)
     embedding_ids = {id(p) for p in causal_lm.get_input_embeddings().parameters()}
     embedding_names = [n for n, p in model.named_parameters() if id(p) in embedding_ids]
-    return ModelAdapter(family, model, banks, routers, spec.routing, spec.top_k(config),
+    return ModelAdapter(family, model, banks, routers, spec.routing(config), spec.top_k(config),
                         embedding_names)
 
 
 def _causal_config(family: str, config: PretrainedConfig, model_cfg: ModelConfig
                    ) -> PretrainedConfig:
-    if family not in hf_moe.FUSED_FAMILIES:
+    if family == switch.FAMILY:
         raise UnsupportedModelError(
-            f"task 'causal-lm': model_type '{family}' is not a supported decoder family; "
-            f"supported: {', '.join(hf_moe.FUSED_FAMILIES)}")
+            f"task 'causal-lm': model_type '{family}' is an encoder-decoder; causal-lm needs a "
+            "decoder MoE family (e.g. qwen2_moe, mixtral, smollm2-moe)")
     _set_dropout(config, family_spec(family).dropout_keys, model_cfg.dropout)
     config.use_cache = False
     return config
@@ -257,9 +306,10 @@ def check_model_name(model_cfg: ModelConfig) -> None:
     so that an unsupported family is named before a missing tokenizer file)."""
     name = model_cfg.name
     if name.startswith(TINY_PREFIX):
-        family_spec(name[len(TINY_PREFIX):])
+        family = name[len(TINY_PREFIX):]
+        check_structure(family_spec(family).tiny_config(family))
     elif name != MINILM_MOE:
-        pretrained_config(model_folder(model_cfg))
+        check_structure(pretrained_config(model_folder(model_cfg)))
 
 
 def check_tokenizer(tokenizer: PreTrainedTokenizerBase, name: str) -> None:
