@@ -376,6 +376,13 @@ def load_file(cfg: DataConfig) -> Corpus:
     without the text/label field or without ``split`` when other rows have one, a file with
     no examples, and the value errors of :func:`columns_to_corpus`.
     """
+    rows, lines, origin = read_rows(cfg)
+    return rows_to_corpus(rows, cfg, origin, lines)
+
+
+def read_rows(cfg: DataConfig) -> tuple[list[dict[str, Any]], list[int], str]:
+    """The rows of the ``data.path`` file, their lines and the origin that names the file in
+    messages (the reading rules and errors of :func:`load_file`, values not yet checked)."""
     path = Path(cfg.path)
     origin = f"data.path '{path}'"
     readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
@@ -386,7 +393,7 @@ def load_file(cfg: DataConfig) -> Corpus:
     rows, lines = readers[path.suffix.lower()](_read_text(path, cfg.encoding, origin), origin)
     if not rows:
         raise DataError(f"{origin}: the file holds no examples")
-    return rows_to_corpus(rows, cfg, origin, lines)
+    return rows, lines, origin
 
 
 def _read_text(path: Path, encoding: str, origin: str) -> str:

@@ -52,12 +52,10 @@ from hfedmoe.data.corpora import (
     _kind,
     _label_name,
     _places_text,
-    _read_csv,
-    _read_jsonl,
-    _read_text,
     _split_name,
     _is_int,
     limit_examples,
+    read_rows,
 )
 
 SINGLE_GROUP = "all"
@@ -207,16 +205,7 @@ def _corpus(train: list[tuple[str, str, int]], test: list[tuple[str, str, int]],
 
 def load_instruction_file(cfg: DataConfig) -> Corpus:
     """A ``.jsonl``/``.csv`` instruction file (module docstring)."""
-    path = Path(cfg.path)
-    origin = f"data.path '{path}'"
-    readers = {".jsonl": _read_jsonl, ".csv": _read_csv}
-    if path.suffix.lower() not in readers:
-        raise DataError(f"{origin}: unknown extension '{path.suffix}'; expected .jsonl or .csv")
-    if not path.is_file():
-        raise DataError(f"{origin}: file does not exist")
-    rows, lines = readers[path.suffix.lower()](_read_text(path, cfg.encoding, origin), origin)
-    if not rows:
-        raise DataError(f"{origin}: the file holds no examples")
+    rows, lines, origin = read_rows(cfg)
     return rows_to_instruction_corpus(rows, cfg, origin, lines)
 
 

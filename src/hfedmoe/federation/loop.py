@@ -57,6 +57,9 @@ def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, first_rou
                 strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
                 timeout=policy.round_timeout)
             aggregated, _ = strategy.aggregate_train(server_round, replies)
+            # every client's upload: not held through the next round's training (measured:
+            # with SmolLM2-MoE, 4.7 GiB of FedAvg uploads made round 2 run out of 24 GB)
+            del replies
             if aggregated is not None:
                 arrays = aggregated
                 break
