@@ -87,7 +87,7 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
     if own_preflight and (aside := start_run_dir(config)) is not None:
         log.warning("moved the earlier run in %s to %s", config.out, aside)
     adapter, test_set, client_sizes = prepared.adapter, prepared.test_set, prepared.client_sizes
-    for note in prepared.corpus.notes:
+    for note in prepared.corpus.notes if own_preflight else ():  # else the caller said them
         log.warning("data: %s", note)
     task = task_for(config.task)
     params = set_trainable(adapter, config.model.trainable_non_expert)
