@@ -85,7 +85,8 @@ def dominant_experts(usage: torch.Tensor, tau: float) -> torch.Tensor:
     return usage >= tau
 
 
-def _split(state: Mapping[str, torch.Tensor], kind: str) -> State:
+def split_kind(state: Mapping[str, torch.Tensor], kind: str) -> State:
+    """The keys of ``state`` of one kind (EXPERT, ROUTER or SHARED)."""
     return {key: value for key, value in state.items() if parse_key(key).kind == kind}
 
 
@@ -218,10 +219,10 @@ def hfedmoe_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequenc
         total = sum(u.num_examples for u in by_id.values())
         alpha = {cid: u.num_examples / total for cid, u in by_id.items()}
     new_state: State = {}
-    new_state.update(aggregate_experts(_split(global_state, EXPERT), updates, dominant,
+    new_state.update(aggregate_experts(split_kind(global_state, EXPERT), updates, dominant,
                                        expert_step))
-    new_state.update(aggregate_gates(_split(global_state, ROUTER), updates, alpha))
-    new_state.update(fedavg(_split(global_state, SHARED), updates))
+    new_state.update(aggregate_gates(split_kind(global_state, ROUTER), updates, alpha))
+    new_state.update(fedavg(split_kind(global_state, SHARED), updates))
     consistency = routing_consistency(dominant)
     union = torch.stack(list(dominant.values())).any(dim=0) if dominant else torch.zeros(0)
     diagnostics = {

@@ -69,6 +69,19 @@ def check_resumable(saved: Mapping[str, Any], current: Mapping[str, Any]) -> Non
                              f"checkpoint's {saved.get(key)!r}; a resumed run must keep it")
 
 
+def tensors_to_json(tensors: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Small float tensors as JSON (``{name: {"shape": [...], "values": [...]}}``), exactly:
+    float32 values survive the round trip through Python floats."""
+    return {name: {"shape": list(t.shape), "values": t.detach().float().reshape(-1).tolist()}
+            for name, t in tensors.items()}
+
+
+def tensors_from_json(saved: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`tensors_to_json` (float32)."""
+    return {name: torch.tensor(entry["values"], dtype=torch.float32).reshape(entry["shape"])
+            for name, entry in saved.items()}
+
+
 def rng_states() -> dict[str, Any]:
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state()}

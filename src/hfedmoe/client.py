@@ -38,7 +38,13 @@ from hfedmoe.fingerprint import corpus_fingerprint
 from hfedmoe.model import load_tokenizer
 from hfedmoe.model.adapter import MoEAdapter
 from hfedmoe.model.state import read_state, set_trainable, write_state
-from hfedmoe.strategies import ClientPlan, Method, method_for, plan_round
+from hfedmoe.strategies import (
+    ClientPlan,
+    Method,
+    client_routing_loss,
+    method_for,
+    plan_round,
+)
 from hfedmoe.tasks import task_for
 from hfedmoe.training import (
     LocalTrainingResult,
@@ -181,13 +187,16 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
                      node_budget: str | int | None = None,
                      resources: ClientResources | None = None,
                      personal: Mapping[str, torch.Tensor] | None = None,
-                     calibration: Calibration | None = None) -> ClientRound:
+                     calibration: Calibration | None = None,
+                     guidance: Mapping[str, torch.Tensor] | None = None) -> ClientRound:
     """Load the global state (then ``personal``, the client's stored personal state), train
     locally under this client's budget, return the upload and the personal state to keep.
 
     ``node_budget``: the SuperNode's ``budget`` node-config value (deployment); it wins over
     the run config's ``budget.experts``. ``calibration``: the run's budget calibration (sent
-    by the server); device profiles then resolve through it.
+    by the server); device profiles then resolve through it. ``guidance``: the method's
+    extra tensors from the server (hfedmoe.strategies.GuidedMethod; FedAlign-MoE's routing
+    target), turned into the method's routing loss term.
     """
     resources = resources or ClientResources()
     data = resources.data(config, partition_id)
@@ -203,7 +212,8 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
                                                      g.num_experts), dict(personal or {}))
     plan = _plan(method, config, adapter, data.train, budget, seed, personal or {})
     result = train_locally(adapter, list(params.values()), data.train, settings, plan.selector,
-                           task_for(config.task).loss)
+                           task_for(config.task).loss,
+                           client_routing_loss(method, guidance or {}, adapter.geometry))
     trained = read_state(params)
     kept = plan.personal_keys(trained)
     upload = {k: v for k, v in method.upload(trained, result).items() if k not in kept}

@@ -23,7 +23,11 @@ from typing import Any, Mapping
 Scalar = bool | int | float | str
 
 METHODS = ("hfedmoe", "fedavg", "fedavg-full", "fedavg-drop", "random-subset", "fedmoe", "flex",
-           "hfedmoe-no-ib", "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate", "hfedmoe-data-share")
+           "hfedmoe-no-ib", "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate", "hfedmoe-data-share",
+           *(f"{base}{ablation}" for base in ("fedalign", "hfedmoe-align")
+             for ablation in ("", "-no-gate", "-no-reg", "-no-consistency")))
+ALIGNING_METHODS = tuple(m for m in METHODS if "align" in m)  # hfedmoe.strategies.fedalign
+DIVERGENCES = ("kl", "js")  # hfedmoe.alignment.routing_divergence
 TASKS = ("classification", "causal-lm")  # hfedmoe.tasks
 DATA_SOURCES = ("bbc-news", "wordnet", "quiz", "file", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
@@ -274,6 +278,20 @@ class HFedMoEConfig:
 
 
 @dataclass(frozen=True)
+class FedAlignConfig:
+    divergence: str  # "kl" | "js" of the routing regulariser (hfedmoe.alignment)
+    routing_weight: float  # weight of the regulariser in the local loss (0: off)
+    consistency_beta: float  # adaptive threshold mean - beta * std of expert similarities
+
+    def __post_init__(self) -> None:
+        _choice("fedalign.divergence", self.divergence, DIVERGENCES)
+        _require(self.routing_weight >= 0 and math.isfinite(self.routing_weight),
+                 "fedalign.routing-weight", self.routing_weight, "a finite number >= 0")
+        _require(self.consistency_beta >= 0 and math.isfinite(self.consistency_beta),
+                 "fedalign.consistency-beta", self.consistency_beta, "a finite number >= 0")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     runtime: str
     client_cpus: int
@@ -388,6 +406,7 @@ class RunConfig:
     train: TrainConfig
     budget: BudgetConfig
     hfedmoe: HFedMoEConfig
+    fedalign: FedAlignConfig
     simulation: SimulationConfig
     federation: FederationConfig
     robust: RobustConfig
@@ -408,6 +427,11 @@ class RunConfig:
                  self.federation.min_replies,
                  f"an integer <= the {sampled} clients sampled per round "
                  "(train.fraction-train x data.num-clients)")
+        _require(self.method not in ALIGNING_METHODS or self.robust.aggregation != "trimmed-mean",
+                 "robust.aggregation", self.robust.aggregation,
+                 f"'mean' or 'clip' with method '{self.method}' (its gate weights differ per "
+                 "router row and its expert holders depend on the updates: no per-key weights "
+                 "for a trimmed mean)")
         _require(all(i < self.data.num_clients for i in self.faults.attacker_ids),
                  "faults.attackers", self.faults.attackers,
                  f"client ids below data.num-clients = {self.data.num_clients}")
@@ -431,7 +455,8 @@ class RunConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "simulation": SimulationConfig,
+             "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "fedalign": FedAlignConfig,
+             "simulation": SimulationConfig,
              "federation": FederationConfig, "robust": RobustConfig, "faults": FaultsConfig,
              "checkpoint": CheckpointConfig, "generate": GenerateConfig}
 

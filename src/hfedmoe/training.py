@@ -34,6 +34,8 @@ from hfedmoe.tasks.classification import classification_loss
 ExpertSelector = Callable[[RoutingTrace, torch.Tensor], BatchSelection]
 # loss_fn(logits, labels) -> the mean loss of one batch (hfedmoe.tasks: each task's ``loss``)
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# routing_loss(trace, attention_mask (B, T)) -> a scalar added to the loss (a method's term)
+RoutingLoss = Callable[[RoutingTrace, torch.Tensor], torch.Tensor]
 
 
 @runtime_checkable
@@ -82,6 +84,7 @@ class LocalTrainingResult:
     selection_share: float | None = None  # sum I_b(chosen) / sum I_b(exact)
     # tensor accounting, max over steps (hfedmoe.measurement; 0: not computed)
     peak_memory_estimate_bytes: int = 0
+    routing_loss: float | None = None  # mean of the method's routing term (None: it has none)
 
 
 def skipped_round(num_examples: int, num_layers: int, num_experts: int) -> LocalTrainingResult:
@@ -187,9 +190,12 @@ def train_locally(
     settings: LocalTrainingSettings,
     selector: ExpertSelector | None = None,
     loss_fn: TaskLoss = classification_loss,
+    routing_loss: RoutingLoss | None = None,
 ) -> LocalTrainingResult:
     """Run ``settings.local_steps`` optimizer steps on ``data``; see the module docstring.
-    ``loss_fn(logits, labels)``: the task's mean batch loss (hfedmoe.tasks).
+    ``loss_fn(logits, labels)``: the task's mean batch loss (hfedmoe.tasks);
+    ``routing_loss(trace, attention_mask)``: a method's term on the router outputs, added to
+    each batch's loss (FedAlign-MoE's routing regulariser; None: none).
 
     How experts learn (docs/hfedmoe.md, "One-pass budgeted experts"): with no ``selector``,
     or one that :func:`trains_every_routed_expert` (e.g. a budget that covers every expert),
@@ -220,6 +226,7 @@ def train_locally(
     samples, losses, step_seconds, max_active, peak_grad, peak_state = 0, [], [], 0, 0, 0
     max_with_state = 0  # experts holding AdamW state after a step, max over steps
     closeness: list[tuple[float, float]] = []  # one-pass: (overlap, share) per batch
+    routing_terms: list[float] = []  # the method's routing term per batch
     model.train()
     for step in range(settings.local_steps):
         batch = _to_device(next(stream), device)
@@ -243,6 +250,10 @@ def train_locally(
                 if settings.aux_loss_coef > 0:
                     aux = load_balancing_loss(trace, mask, geometry.num_experts)
                     loss = loss + settings.aux_loss_coef * aux
+                if routing_loss is not None:
+                    term = routing_loss(trace, mask)
+                    loss = loss + term
+                    routing_terms.append(float(term.detach()))
                 if selector is not None:
                     selection = selector(trace, mask)
                     importance_sum += selection.importance.cpu()
@@ -291,6 +302,7 @@ def train_locally(
         selection_overlap=_mean([c[0] for c in closeness]),
         selection_share=_mean([c[1] for c in closeness]),
         peak_memory_estimate_bytes=int(estimate),
+        routing_loss=_mean(routing_terms),
     )
 
 

@@ -64,7 +64,7 @@ def make_client_app() -> ClientApp:
                                    instruction.global_state, context.node_config.get("budget"),
                                    process_resources(),
                                    personal_state(context, store, instruction.server_round - 1),
-                                   instruction.calibration)
+                                   instruction.calibration, instruction.guidance)
         records.store_personal_state(context.state, outcome.personal)
         if store is not None and outcome.personal:
             store.save(instruction.server_round, outcome.personal)

@@ -8,6 +8,9 @@ Train instruction (server -> client), message type ``train``:
                                the client keeps no personal state on disk,
                                hfedmoe.personal_store), ``calibration`` (the run's
                                budget calibration as JSON, hfedmoe.calibration; "" = none)
+  ``"guidance"`` ArrayRecord - optional: tensors the method's server sends every client
+                               besides the global state (hfedmoe.strategies.GuidedMethod;
+                               FedAlign-MoE: ``routing-target``, (L, S))
 Train reply (client -> server):
   ``"update"``  ArrayRecord  - the tensors the client uploads (any subset of the global keys)
   ``"metrics"`` MetricRecord - ``num-examples``, ``client-id``, ``train-loss``,
@@ -17,7 +20,8 @@ Train reply (client -> server):
                                ``mean-step-seconds``,
                                ``local-steps`` (0: the client sat the round out);
                                with one-pass selection also ``selection-overlap``,
-                               ``selection-share`` (vs the exact Eq. 15 set, round means)
+                               ``selection-share`` (vs the exact Eq. 15 set, round means);
+                               with a routing regulariser ``routing-loss`` (round mean)
   ``"routing"`` MetricRecord - flattened row-major from (L, S): ``usage`` u_c(e) (Eq. 16),
                                ``trained`` (1 = the expert got a gradient this round),
                                ``importance`` s^c(e) (methods that select experts only)
@@ -42,7 +46,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
@@ -55,13 +59,14 @@ from hfedmoe.training import LocalTrainingResult
 from hfedmoe.validation import check_tensors
 
 GLOBAL, PLAN, UPDATE, METRICS, ROUTING = "global", "plan", "update", "metrics", "routing"
+GUIDANCE = "guidance"
 EVALUATION, PERSONAL = "evaluation", "personal"
 EVALUATE_METRIC_KEYS = ("client-id", "num-examples", "accuracy", "loss")
 REPLY_METRIC_KEYS = ("num-examples", "client-id", "train-loss", "budget-experts",
                      "max-active-experts-per-batch", "peak-memory-bytes",
                      "peak-memory-estimate-bytes", "mean-step-seconds", "local-steps")
 # sent when the client selected experts in one pass (budget.mode = "one-pass"); diagnostics
-OPTIONAL_REPLY_METRIC_KEYS = ("selection-overlap", "selection-share")
+OPTIONAL_REPLY_METRIC_KEYS = ("selection-overlap", "selection-share", "routing-loss")
 
 
 def to_array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -84,17 +89,24 @@ class TrainInstruction:
     global_state: dict[str, torch.Tensor]
     lineage: str = ""  # the run across resumptions ("": no personal state on disk)
     calibration: Calibration | None = None  # budgets measured on the model (budget.calibration)
+    guidance: dict[str, torch.Tensor] = field(default_factory=dict)  # the method's (GuidedMethod)
 
 
 def train_instruction(server_round: int, flat_config: Mapping, global_arrays: ArrayRecord,
-                      lineage: str = "", calibration: Calibration | None = None) -> RecordDict:
+                      lineage: str = "", calibration: Calibration | None = None,
+                      guidance: ArrayRecord | None = None) -> RecordDict:
+    """``guidance``: the method's extra tensors (``to_array_record``), omitted when None or
+    empty."""
     config = ConfigRecord({
         "server-round": server_round,
         "run-config": json.dumps(dict(flat_config), sort_keys=True),
         "lineage": lineage,
         "calibration": calibration.to_json() if calibration is not None else "",
     })
-    return RecordDict({GLOBAL: global_arrays, PLAN: config})
+    content = RecordDict({GLOBAL: global_arrays, PLAN: config})
+    if guidance:
+        content[GUIDANCE] = guidance
+    return content
 
 
 def parse_train_instruction(content: RecordDict) -> TrainInstruction:
@@ -106,6 +118,8 @@ def parse_train_instruction(content: RecordDict) -> TrainInstruction:
         lineage=str(plan.get("lineage", "")),
         calibration=(Calibration.from_mapping(json.loads(str(plan["calibration"])))
                      if plan.get("calibration") else None),
+        guidance=(from_array_record(content.array_records[GUIDANCE])
+                  if GUIDANCE in content.array_records else {}),
     )
 
 
@@ -124,6 +138,7 @@ def train_reply(client_id: int, budget_experts: int, upload: Mapping[str, torch.
         **({"selection-overlap": result.selection_overlap,
             "selection-share": result.selection_share}
            if result.selection_overlap is not None else {}),
+        **({"routing-loss": result.routing_loss} if result.routing_loss is not None else {}),
     })
     routing = {"usage": _flat(result.usage),
                "trained": [int(t) for t in result.trained_experts.reshape(-1)]}

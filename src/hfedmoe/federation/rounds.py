@@ -48,9 +48,10 @@ def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int,
         "mean_step_seconds": m["mean-step-seconds"],
         "uploaded_tensors": len(update.state),
         "local_steps": int(m["local-steps"]),
-        # one-pass selection vs the exact Eq. 15 set (round means; absent otherwise)
-        **{key.replace("-", "_"): m[key] for key in ("selection-overlap", "selection-share")
-           if key in m},
+        # one-pass selection vs the exact Eq. 15 set (round means; absent otherwise), and a
+        # method's routing regulariser (fedalign: round mean of its term)
+        **{key.replace("-", "_"): m[key]
+           for key in ("selection-overlap", "selection-share", "routing-loss") if key in m},
     }
 
 

@@ -109,7 +109,10 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
         book.resume_after(earlier_seconds)
         strategy = PlannedStrategy(config, method_for(config), adapter.geometry, book,
                                    client_sizes=client_sizes, lineage=lineage,
-                                   calibration=calibration)
+                                   calibration=calibration,
+                                   guidance=ckpt.tensors_from_json(
+                                       resumed.strategy_state.get("guidance", {}))
+                                   if resumed else None)
 
         def evaluate_global(server_round: int, arrays) -> MetricRecord:
             write_state(params, records.from_array_record(arrays))
@@ -137,7 +140,8 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
                                     recorder.records,
                                     earlier_seconds + time.perf_counter() - started,
                                     config.to_flat(),
-                                    {"lineage": lineage, "inputs": prepared.inputs},
+                                    {"lineage": lineage, "inputs": prepared.inputs,
+                                     "guidance": ckpt.tensors_to_json(strategy.guidance)},
                                     rng=ckpt.rng_states()),
                     keep=config.checkpoint.keep)
 

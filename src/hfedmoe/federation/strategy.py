@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import random
 import time
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
+
+import torch
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
@@ -24,7 +26,7 @@ from hfedmoe.config import RunConfig
 from hfedmoe.federation import records
 from hfedmoe.federation.rounds import RoundBook
 from hfedmoe.model.adapter import MoEGeometry
-from hfedmoe.strategies import Method
+from hfedmoe.strategies import Method, server_guidance
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ UNREACHABLE_KINDS = frozenset({"message-unavailable", "node-unavailable", "crash
 class PlannedStrategy(Strategy):
     def __init__(self, config: RunConfig, method: Method, geometry: MoEGeometry,
                  book: RoundBook, client_sizes: Sequence[int] | None = None,
-                 lineage: str = "", calibration: Calibration | None = None) -> None:
+                 lineage: str = "", calibration: Calibration | None = None,
+                 guidance: Mapping[str, torch.Tensor] | None = None) -> None:
         self._config, self._method, self._geometry, self._book = config, method, geometry, book
         self._calibration = calibration  # sent to clients: profiles -> budgets (measured)
         self._lineage = lineage  # sent to clients: their personal state on disk (resume)
@@ -83,6 +86,8 @@ class PlannedStrategy(Strategy):
         self.client_of: dict[int, int] = {}  # node id -> client (partition) id, from replies
         self._sampled_once = False  # the first sampling waits for every node; later ones not
         self._unreachable: set[int] = set()  # nodes lost in this round's training
+        # the method's extra tensors for the next round (GuidedMethod; a checkpoint keeps them)
+        self.guidance: dict[str, torch.Tensor] = dict(guidance or {})
 
     def summary(self) -> None:
         log.info("hfedmoe strategy: method=%s, %d MoE layers x %d experts (top-%d)",
@@ -101,19 +106,22 @@ class PlannedStrategy(Strategy):
                                    expected=expected, minimum=federation.min_replies)
         self._sampled_once = True
         self._book.round_started(server_round, len(node_ids))
-        payload_bytes = records.record_bytes(arrays)
+        guidance = records.to_array_record(self.guidance) if self.guidance else None
+        payload_bytes = records.record_bytes(arrays) + (
+            records.record_bytes(guidance) if guidance else 0)
         self._sent = {node_id: payload_bytes for node_id in node_ids}
-        self._instructions = [Message(self.instruction_for(node_id, server_round, arrays),
+        self._instructions = [Message(self.instruction_for(node_id, server_round, arrays,
+                                                           guidance),
                                       node_id, MessageType.TRAIN, group_id=str(server_round))
                               for node_id in node_ids]
         return self._instructions
 
-    def instruction_for(self, node_id: int, server_round: int, arrays: ArrayRecord
-                        ) -> RecordDict:
+    def instruction_for(self, node_id: int, server_round: int, arrays: ArrayRecord,
+                        guidance: ArrayRecord | None = None) -> RecordDict:
         """The train instruction of one node: the extension point for per-client plans (each
         node gets its own message; ``self.client_of`` maps nodes seen before to client ids)."""
         return records.train_instruction(server_round, self._flat_config, arrays, self._lineage,
-                                         self._calibration)
+                                         self._calibration, guidance)
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -169,6 +177,8 @@ class PlannedStrategy(Strategy):
         enough = len(updates) >= self._config.federation.min_replies
         new_state, diagnostics = (self._method.aggregate(global_state, updates) if enough
                                   else (None, {}))
+        if enough:
+            self.guidance = server_guidance(self._method, updates)
         self._book.train_finished(server_round, updates, failures, traffic,
                                   sum(self._sent.values()), diagnostics, aggregated=enough)
         metrics = MetricRecord({"num-replies": len(updates), "num-failures": len(failures),

@@ -15,10 +15,11 @@ import torch
 from hfedmoe.aggregation import ClientUpdate, State
 from hfedmoe.model.adapter import MoEGeometry
 from hfedmoe.model.state import ROUTER, expert_of, parse_key
-from hfedmoe.training import ExpertSelector, LocalTrainingResult
+from hfedmoe.training import ExpertSelector, LocalTrainingResult, RoutingLoss
 
 Diagnostics = dict  # JSON-serialisable per-round diagnostics (see each method's docstring)
 RoutingProbe = Callable[[], torch.Tensor]  # () -> (L, S) activation counts on the client's data
+Guidance = dict  # str -> tensor: what a GuidedMethod's server sends every client with a round
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,23 @@ class PlanningMethod(Protocol):
         """``probe()``: activation counts of the current model (global state + ``personal``)
         on this client's training data (forward only, run on demand); ``personal``: the
         client's stored personal state (empty in its first round)."""
+        ...
+
+
+@runtime_checkable
+class GuidedMethod(Protocol):
+    """A method whose server sends clients more than the global state (optional step), e.g.
+    FedAlign-MoE's aligned routing distribution: ``guidance`` after each aggregated round
+    (sent with the next round's train instructions, kept in checkpoints), ``routing_loss``
+    on the client (added to the task loss of every local batch)."""
+
+    def guidance(self, updates: Sequence[ClientUpdate]) -> Guidance:
+        """Tensors for the next round, from this round's valid replies ({}: nothing)."""
+        ...
+
+    def routing_loss(self, guidance: Mapping[str, torch.Tensor], geometry: MoEGeometry
+                     ) -> RoutingLoss | None:
+        """The client's extra loss term given the server's ``guidance`` (None: none)."""
         ...
 
 
