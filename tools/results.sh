@@ -10,13 +10,13 @@
 # wall time is then added to the earlier run.json's.
 #
 # Environment overrides (defaults in brackets):
-#   METHODS [all ten below]  SEEDS [3]  BENCHES ["bbc wordnet"]  ALPHAS ["0.5 0.1"]
+#   METHODS [all below]  SEEDS [3]  BENCHES ["bbc wordnet"]  ALPHAS ["0.5 0.1"]
 #   CONF_DIR [conf/bench]  OUT [runs/results]  PAGE [docs/results.md]  HFEDMOE  PYTHON
 # Extra arguments are passed to every `hfedmoe compare` (e.g. --set num-server-rounds=3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-METHODS=${METHODS:-hfedmoe,fedavg-full,fedavg-drop,random-subset,fedmoe,flex,hfedmoe-no-ib,hfedmoe-fedavg-agg,hfedmoe-uniform-gate,hfedmoe-data-share}
+METHODS=${METHODS:-hfedmoe,fedavg-full,fedavg-drop,random-subset,fedmoe,flex,hfedmoe-no-ib,hfedmoe-fedavg-agg,hfedmoe-uniform-gate,hfedmoe-data-share,fedalign,hfedmoe-align,fedalign-no-gate,fedalign-no-reg,fedalign-no-consistency,hfedmoe-align-no-gate,hfedmoe-align-no-reg,hfedmoe-align-no-consistency}
 SEEDS=${SEEDS:-3}
 BENCHES=${BENCHES:-bbc wordnet}
 ALPHAS=${ALPHAS:-0.5 0.1}

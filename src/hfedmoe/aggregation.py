@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -37,6 +37,52 @@ class ClientUpdate:
     trained: torch.Tensor | None = None  # (L, S) bool: experts that got a gradient this round
 
 
+class RunningMean:
+    """The streaming form of :func:`weighted_average`: updates are folded in one at a time
+    (``add``), so a server holds the running sums, not every client's upload.
+
+    Per key: sum of w * x and of w in float64, allocated when the first sender with w > 0
+    arrives (memory: 8 bytes per uploaded coordinate, whatever the number of clients). The
+    result is the same, operation for operation, as the batch form over the same order.
+    """
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        self._global = global_state
+        self._sum: dict[str, torch.Tensor] = {}
+        self._weight: dict[str, float] = {}
+
+    def add(self, update: ClientUpdate, weight: Callable[[str], float]) -> None:
+        """Fold ``update`` in with ``weight(key)`` >= 0 per uploaded key (keys not in the
+        global state are ignored; a weight of 0 leaves the key as it was). All or nothing: the
+        weights are computed first, so one that raises leaves the sums untouched."""
+        weights = {key: float(weight(key)) for key in update.state if key in self._global}
+        for key, w in weights.items():
+            tensor = update.state[key]
+            if w > 0:
+                if key not in self._sum:
+                    self._sum[key] = torch.zeros_like(self._global[key], dtype=torch.float64)
+                    self._weight[key] = 0.0
+                self._sum[key].add_(tensor, alpha=w)  # in float64, no temporary copy
+                self._weight[key] += w
+
+    def result(self, total_weight: float | None = None,
+               keys: Callable[[str], bool] = lambda key: True) -> State:
+        """The new state of every global key (``keys`` selects which total_weight applies
+        to; see weighted_average)."""
+        new_state: State = {}
+        for key, current in self._global.items():
+            weight_sum = self._weight.get(key, 0.0)
+            if weight_sum <= 0:
+                new_state[key] = current.clone()
+                continue
+            total = self._sum[key]
+            if total_weight is not None and keys(key):
+                total = total + (total_weight - weight_sum) * current.to(torch.float64)
+                weight_sum = total_weight
+            new_state[key] = (total / weight_sum).to(current.dtype)
+        return new_state
+
+
 def weighted_average(
     global_state: Mapping[str, torch.Tensor],
     updates: Sequence[ClientUpdate],
@@ -48,24 +94,12 @@ def weighted_average(
     ``weight(update, key)`` must be >= 0; a key whose senders all have weight 0 (or that no
     client sent) keeps its global value. ``total_weight``: normalise by it instead of by the
     senders' weights, the remaining weight going to the global value (as if the clients that
-    did not send the key had sent it unchanged).
+    did not send the key had sent it unchanged). (:class:`RunningMean` over ``updates``.)
     """
-    new_state: State = {}
-    for key, current in global_state.items():
-        total = torch.zeros_like(current, dtype=torch.float64)
-        weight_sum = 0.0
-        for update in updates:
-            if key not in update.state:
-                continue
-            w = float(weight(update, key))
-            if w > 0:
-                total += w * update.state[key].to(torch.float64)
-                weight_sum += w
-        if weight_sum > 0 and total_weight is not None:
-            total += (total_weight - weight_sum) * current.to(torch.float64)
-            weight_sum = total_weight
-        new_state[key] = (total / weight_sum).to(current.dtype) if weight_sum > 0 else current.clone()
-    return new_state
+    mean = RunningMean(global_state)
+    for update in updates:
+        mean.add(update, lambda key, update=update: weight(update, key))
+    return mean.result(total_weight)
 
 
 def fedavg(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate]) -> State:
@@ -120,18 +154,24 @@ def aggregate_experts(global_state: Mapping[str, torch.Tensor], updates: Sequenc
             raise ValueError(f"no dominant set S_c for client {update.client_id}")
 
     def weight(update: ClientUpdate, key: str) -> float:
-        address = expert_of(key)
-        if address is None:
-            return 0.0
-        mask = dominant[update.client_id]  # (L, S)
-        layer, expert = address
-        if not (0 <= layer < mask.shape[0] and 0 <= expert < mask.shape[1]):
-            raise ValueError(f"key '{key}' is outside the (L, S) = {tuple(mask.shape)} dominant set")
-        return float(update.num_examples) if bool(mask[layer, expert]) else 0.0
+        return expert_weight(key, dominant[update.client_id], update.num_examples)
 
     examples = float(sum(update.num_examples for update in updates))
     return weighted_average(global_state, updates, weight,
                             total_weight=examples if step == "data-share" else None)
+
+
+def expert_weight(key: str, dominant: torch.Tensor, num_examples: int) -> float:
+    """Eq. 17's weight of one uploaded key: |D_c| * 1(e in S_c) for ``expert.<l>.<e>.*``
+    (``dominant``: S_c, (L, S) bool), 0 for any other key. Raises ValueError for an expert
+    outside the (L, S) grid."""
+    address = expert_of(key)
+    if address is None:
+        return 0.0
+    layer, expert = address
+    if not (0 <= layer < dominant.shape[0] and 0 <= expert < dominant.shape[1]):
+        raise ValueError(f"key '{key}' is outside the (L, S) = {tuple(dominant.shape)} dominant set")
+    return float(num_examples) if bool(dominant[layer, expert]) else 0.0
 
 
 def routing_consistency(dominant_by_client: Mapping[int, torch.Tensor]) -> dict[int, float]:
@@ -164,16 +204,8 @@ def gate_weights(usage_by_client: Mapping[int, torch.Tensor],
         return {}
     union = torch.stack([m.bool() for m in dominant_by_client.values()]).any(dim=0)  # (L, S)
     global_size = max(int(union.sum()), 1)
-    raw: dict[int, float] = {}
-    for cid, mask in dominant_by_client.items():
-        usage, importance = usage_by_client[cid], importance_by_client[cid]
-        if usage.shape != mask.shape or importance.shape != mask.shape:
-            raise ValueError(f"client {cid}: usage {tuple(usage.shape)}, importance "
-                             f"{tuple(importance.shape)} and S_c {tuple(mask.shape)} differ")
-        preference = usage.double() * importance.double()  # (L, S) p_c(e), Eq. 19
-        raw[cid] = float(preference[mask.bool()].sum()) / global_size  # Eq. 20
-        if raw[cid] < 0 or not math.isfinite(raw[cid]):
-            raise ValueError(f"client {cid}: gate weight {raw[cid]} is not a finite number >= 0")
+    raw = {cid: _preference(cid, usage_by_client[cid], importance_by_client[cid], mask)
+           / global_size for cid, mask in dominant_by_client.items()}  # Eq. 20
     total = sum(raw.values())
     return {cid: (value / total if total > 0 else 0.0) for cid, value in raw.items()}
 
@@ -196,39 +228,119 @@ def aggregate_gates(global_state: Mapping[str, torch.Tensor], updates: Sequence[
     return weighted_average(global_state, updates, weight)
 
 
+class Aggregation(Protocol):
+    """A server step that takes the round's replies one at a time (streaming): ``add`` each
+    valid update as it arrives, then ``finish`` once; the server never holds every upload."""
+
+    def add(self, update: ClientUpdate) -> None: ...
+
+    def finish(self) -> tuple[State, dict]: ...
+
+
+def fold(aggregation: Aggregation, updates: Sequence[ClientUpdate]) -> tuple[State, dict]:
+    """The batch form of a streaming aggregation: every update added in order, then finish."""
+    for update in updates:
+        aggregation.add(update)
+    return aggregation.finish()
+
+
+class WeightedAggregation:
+    """Streaming :func:`weighted_average` with ``weight(update, key)`` (FedAvg and the
+    methods that average each key over its senders)."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor],
+                 weight: Callable[[ClientUpdate, str], float]) -> None:
+        self._mean, self._weight = RunningMean(global_state), weight
+
+    def add(self, update: ClientUpdate) -> None:
+        self._mean.add(update, lambda key: self._weight(update, key))
+
+    def finish(self) -> tuple[State, dict]:
+        return self._mean.result(), {}
+
+
+def fedavg_aggregation(global_state: Mapping[str, torch.Tensor]) -> WeightedAggregation:
+    """Streaming :func:`fedavg`."""
+    return WeightedAggregation(global_state, lambda update, _key: update.num_examples)
+
+
+class HFedMoEAggregation:
+    """One HFedMoE server step (method.md section 5, step 4), streaming.
+
+    Experts by Eq. 17 over S_c = {u_c >= tau} (``expert_step``: see aggregate_experts);
+    routers by Eq. 21 with alpha (Eqs. 19-20; or, with ``uniform_gate``, alpha proportional to
+    |D_c| - an ablation); ``shared.*`` keys by FedAvg (|D_c|). Every update needs
+    ``importance`` (the round-mean s^c(e)); ``add`` raises ValueError otherwise, or when a
+    client id comes twice. Each router key is a mean weighted by the raw
+    sum_{e in S_c} p_c(e): Eq. 20's 1/|S_global| and the normalisation over clients cancel
+    in it, so nothing needs every reply before the sums.
+    ``finish`` diagnostics: ``{"dominant_global": |S_global|, "clients": {client_id:
+    {"gate_weight": alpha(c), "routing_consistency": r(c), "dominant_per_layer": [...]}}}``.
+    """
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor], tau: float,
+                 uniform_gate: bool = False, expert_step: str = "holders") -> None:
+        if expert_step not in EXPERT_STEPS:
+            raise ValueError(f"expert step '{expert_step}' is not one of {', '.join(EXPERT_STEPS)}")
+        self._tau, self._uniform_gate, self._step = tau, uniform_gate, expert_step
+        self._mean = RunningMean(global_state)
+        # per client: |D_c|, u_c, s^c and S_c (small: what the diagnostics need)
+        self._seen: dict[int, tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def add(self, update: ClientUpdate) -> None:
+        cid = update.client_id
+        if cid in self._seen:
+            raise ValueError("two updates carry the same client_id")
+        if update.importance is None:
+            raise ValueError(f"client {cid} sent no round-mean importance s^c(e), HFedMoE needs it")
+        dominant = dominant_experts(update.usage, self._tau)  # (L, S) S_c, Eq. 16
+        gate = (float(update.num_examples) if self._uniform_gate
+                else _preference(cid, update.usage, update.importance, dominant))
+        examples = update.num_examples
+
+        def weight(key: str) -> float:
+            kind = parse_key(key).kind
+            if kind == EXPERT:
+                return expert_weight(key, dominant, examples)  # Eq. 17
+            return gate if kind == ROUTER else float(examples)  # Eq. 21 / FedAvg
+
+        self._mean.add(update, weight)
+        self._seen[cid] = (examples, update.usage, update.importance, dominant)
+
+    def finish(self) -> tuple[State, dict]:
+        examples = float(sum(n for n, *_ in self._seen.values()))
+        state = self._mean.result(examples if self._step == "data-share" else None,
+                                  keys=lambda key: parse_key(key).kind == EXPERT)
+        dominant = {cid: d for cid, (_, _, _, d) in self._seen.items()}
+        if self._uniform_gate:
+            alpha = {cid: n / examples for cid, (n, *_) in self._seen.items()}
+        else:
+            alpha = gate_weights({cid: u for cid, (_, u, _, _) in self._seen.items()},
+                                 {cid: s for cid, (_, _, s, _) in self._seen.items()}, dominant)
+        consistency = routing_consistency(dominant)
+        union = torch.stack(list(dominant.values())).any(dim=0) if dominant else torch.zeros(0)
+        return state, {
+            "dominant_global": int(union.sum()),
+            "clients": {cid: {"gate_weight": alpha[cid], "routing_consistency": consistency[cid],
+                              "dominant_per_layer": [int(n) for n in dominant[cid].sum(dim=1)]}
+                        for cid in sorted(dominant)},
+        }
+
+
+def _preference(client_id: int, usage: torch.Tensor, importance: torch.Tensor,
+                dominant: torch.Tensor) -> float:
+    """sum_{e in S_c} u_c(e) * s^c(e) (Eqs. 19-20 before the common 1/|S_global|)."""
+    if usage.shape != dominant.shape or importance.shape != dominant.shape:
+        raise ValueError(f"client {client_id}: usage {tuple(usage.shape)}, importance "
+                         f"{tuple(importance.shape)} and S_c {tuple(dominant.shape)} differ")
+    value = float((usage.double() * importance.double())[dominant.bool()].sum())
+    if value < 0 or not math.isfinite(value):
+        raise ValueError(f"client {client_id}: gate weight {value} is not a finite number >= 0")
+    return value
+
+
 def hfedmoe_aggregate(global_state: Mapping[str, torch.Tensor], updates: Sequence[ClientUpdate],
                       tau: float, uniform_gate: bool = False, expert_step: str = "holders"
                       ) -> tuple[State, dict]:
-    """One HFedMoE server step (method.md section 5, step 4).
-
-    Experts by Eq. 17 over S_c = {u_c >= tau} (``expert_step``: see aggregate_experts);
-    routers by Eq. 21 with normalised alpha (or, with ``uniform_gate``, alpha proportional to
-    |D_c| - an ablation); ``shared.*``
-    keys by FedAvg (|D_c|). Every update needs ``importance`` (the round-mean s^c(e)).
-    Diagnostics: ``{"dominant_global": |S_global|, "clients": {client_id: {"gate_weight":
-    alpha(c), "routing_consistency": r(c), "dominant_per_layer": [|S_c in layer l|, ...]}}}``.
-    """
-    by_id = _by_client(updates)
-    for cid, update in by_id.items():
-        if update.importance is None:
-            raise ValueError(f"client {cid} sent no round-mean importance s^c(e), HFedMoE needs it")
-    dominant = {cid: dominant_experts(u.usage, tau) for cid, u in by_id.items()}
-    alpha = gate_weights({cid: u.usage for cid, u in by_id.items()},
-                         {cid: u.importance for cid, u in by_id.items()}, dominant)
-    if uniform_gate:  # ablation: the gate averaged by |D_c| only
-        total = sum(u.num_examples for u in by_id.values())
-        alpha = {cid: u.num_examples / total for cid, u in by_id.items()}
-    new_state: State = {}
-    new_state.update(aggregate_experts(split_kind(global_state, EXPERT), updates, dominant,
-                                       expert_step))
-    new_state.update(aggregate_gates(split_kind(global_state, ROUTER), updates, alpha))
-    new_state.update(fedavg(split_kind(global_state, SHARED), updates))
-    consistency = routing_consistency(dominant)
-    union = torch.stack(list(dominant.values())).any(dim=0) if dominant else torch.zeros(0)
-    diagnostics = {
-        "dominant_global": int(union.sum()),
-        "clients": {cid: {"gate_weight": alpha[cid], "routing_consistency": consistency[cid],
-                          "dominant_per_layer": [int(n) for n in dominant[cid].sum(dim=1)]}
-                    for cid in sorted(dominant)},
-    }
-    return {key: new_state[key] for key in global_state}, diagnostics
+    """One HFedMoE server step over a list of updates (:class:`HFedMoEAggregation`)."""
+    return fold(HFedMoEAggregation(global_state, tau, uniform_gate, expert_step), updates)

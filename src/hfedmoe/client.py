@@ -25,7 +25,7 @@ import json
 import os
 import zlib
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 
@@ -33,8 +33,10 @@ from hfedmoe.calibration import Calibration
 from hfedmoe.config import RunConfig
 from hfedmoe.costs import client_budget
 from hfedmoe.data import Corpus, client_split
+from hfedmoe.data.partition import partition_indices
 from hfedmoe.data.tokenize import TokenizedSet
 from hfedmoe.fingerprint import corpus_fingerprint
+from hfedmoe.heap import return_freed_memory
 from hfedmoe.model import load_tokenizer
 from hfedmoe.model.adapter import MoEAdapter
 from hfedmoe.model.state import read_state, set_trainable, write_state
@@ -96,13 +98,16 @@ def load_usable_corpus(config: RunConfig, tokenizer) -> Corpus:
 
 
 def client_datasets(config: RunConfig, partition_id: int, tokenizer=None,
-                    corpus: Corpus | None = None) -> ClientData:
+                    corpus: Corpus | None = None,
+                    partitions: Sequence[Sequence[int]] | None = None) -> ClientData:
     """This client's tokenized training and test splits (hfedmoe.data.client_split);
-    ``tokenizer`` and ``corpus`` (the run's filtered corpus) are loaded when not given."""
+    ``tokenizer``, ``corpus`` (the run's filtered corpus) and ``partitions`` (every client's
+    indices, hfedmoe.data.partition_indices) are computed when not given."""
     task = task_for(config.task)
     tokenizer = tokenizer or load_tokenizer(config.model)
     corpus = corpus or load_usable_corpus(config, tokenizer)
-    train_set, test_set = client_split(corpus, config.data, config.seed, partition_id)
+    train_set, test_set = client_split(corpus, config.data, config.seed, partition_id,
+                                       partitions)
     length = config.model.max_length
     return ClientData(task.tokenize(train_set, tokenizer, length),
                       task.tokenize(test_set, tokenizer, length) if len(test_set) else None,
@@ -136,6 +141,7 @@ class ClientResources:
         self._corpus_key: str | None = None
         self._corpus: tuple[object, Corpus] | None = None  # (tokenizer, filtered corpus)
         self._data: dict[str, ClientData] = {}
+        self._partitions: tuple[str, list[list[int]]] | None = None  # (key, every client's)
 
     def corpus(self, config: RunConfig) -> tuple[str, object, Corpus]:
         """The run's corpus key, tokenizer and filtered corpus
@@ -160,8 +166,21 @@ class ClientResources:
         if key not in self._data:
             if len(self._data) >= self.MAX_PARTITIONS:
                 self._data.clear()
-            self._data[key] = client_datasets(config, partition_id, tokenizer, corpus)
+            self._data[key] = client_datasets(config, partition_id, tokenizer, corpus,
+                                              self.partitions(config, corpus_key, corpus))
         return self._data[key]
+
+    def partitions(self, config: RunConfig, corpus_key: str, corpus: Corpus
+                   ) -> list[list[int]]:
+        """Every client's indices into ``corpus.train`` (hfedmoe.data.partition_indices),
+        computed once per corpus and data configuration: a process that serves many clients
+        (a Ray actor, the in-process runtime) then builds a new client's data in time that
+        does not grow with data.num-clients."""
+        key = json.dumps([corpus_key, config.data.__dict__, config.seed], sort_keys=True)
+        if self._partitions is None or self._partitions[0] != key:
+            self._partitions = (key, partition_indices(corpus.train.labels, config.data,
+                                                       config.seed, corpus.label_names))
+        return self._partitions[1]
 
     def model(self, config: RunConfig, num_labels: int) -> MoEAdapter:
         key = json.dumps([config.model.__dict__, config.seed, num_labels, config.task],
@@ -214,6 +233,7 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
     result = train_locally(adapter, list(params.values()), data.train, settings, plan.selector,
                            task_for(config.task).loss,
                            client_routing_loss(method, guidance or {}, adapter.geometry))
+    return_freed_memory()  # the round's optimizer state and activations (hfedmoe.heap)
     trained = read_state(params)
     kept = plan.personal_keys(trained)
     upload = {k: v for k, v in method.upload(trained, result).items() if k not in kept}

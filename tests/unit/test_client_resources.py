@@ -76,3 +76,24 @@ def test_changed_data_file_is_loaded_afresh(tmp_path, counted_builds):
     after = resources.data(config, 0)
     assert counted_builds["corpus"] == 2
     assert not after.train.input_ids.equal(before.train.input_ids)
+
+
+def test_a_new_client_does_not_recompute_every_partition(monkeypatch):
+    """Many clients (#17): all N partitions are computed once per process; later clients'
+    data come from them (the same data as computed afresh)."""
+    config = parse_run_config(TINY, {"data.num-clients": 40, "data.partition": "iid"})
+    calls = []
+    original = client_module.partition_indices
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(client_module, "partition_indices", counted)
+    resources = client_module.ClientResources()
+    built = [resources.data(config, pid) for pid in (3, 17, 39)]
+    assert len(calls) == 1
+    for pid, data in zip((3, 17, 39), built):
+        fresh = client_module.client_datasets(config, pid)
+        assert data.train.input_ids.equal(fresh.train.input_ids)
+    resources.data(parse_run_config(TINY, {"data.num-clients": 41, "data.partition": "iid"}), 0)
+    assert len(calls) == 2  # another split: computed again

@@ -5,7 +5,9 @@ The round runs through the real PlannedStrategy.aggregate_train on real Flower m
 expected aggregate is computed independently by the method on the good updates only.
 """
 
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -356,3 +358,42 @@ def test_only_fedavg_and_fedalign_may_exceed_their_budgets_whatever_the_aggregat
     fedalign = {"fedalign", "fedalign-no-gate", "fedalign-no-reg", "fedalign-no-consistency"}
     assert unbudgeted == {"fedavg", "fedavg-full", "fedavg-drop"} | (
         fedalign if aggregation != "trimmed-mean" else set())
+
+
+@pytest.mark.parametrize("method", ["hfedmoe", "fedavg", "fedmoe", "flex", "fedalign"])
+def test_the_server_holds_one_upload_at_a_time_and_aggregates_exactly(method, monkeypatch):
+    """Streaming aggregation (#17): when the next reply arrives, the uploads of the earlier
+    ones are freed (the server holds running sums, not every upload), and the aggregate equals
+    the method's batch aggregate of the same updates exactly. fedalign needs every upload at
+    once (consistency of each expert's copies) and is collected: the probe sees them held."""
+    global_state = _global_state()
+    strategy, config, book, sink = _strategy(4, method=method)
+    grid = InProcessGrid(client_app=None, num_nodes=4)
+    instructions = {m.metadata.dst_node_id: m for m in strategy.configure_train(
+        1, records.to_array_record(global_state), ConfigRecord(), grid)}
+    uploads = []  # weak references to one parsed tensor of each reply
+    parse = records.parse_train_reply
+
+    def watched_parse(content, shape):
+        update = parse(content, shape)
+        uploads.append(weakref.ref(next(iter(update.state.values()))))
+        return update
+    monkeypatch.setattr(records, "parse_train_reply", watched_parse)
+    held = []
+
+    def replies():  # made one by one, as replies arrive
+        for node in sorted(instructions):
+            gc.collect()
+            held.append(sum(ref() is not None for ref in uploads))
+            yield Message(_content(node - 1, global_state), reply_to=instructions[node])
+
+    new_arrays, metrics = strategy.aggregate_train(1, replies())
+    assert metrics["num-replies"] == 4
+    assert held == ([0, 1, 2, 3] if method == "fedalign" else [0, 0, 0, 0])
+    expected, _ = method_for(config).aggregate(
+        global_state, [parse(_content(c, global_state), (2, 4)) for c in range(4)])
+    new_state = records.from_array_record(new_arrays)
+    assert all(torch.equal(new_state[k], expected[k]) for k in expected)
+    book.evaluated(1, 0.0, 0.0)
+    assert [c["uploaded_tensors"] for c in sink.rounds[-1]["clients"]] == [
+        len(parse(_content(c, global_state), (2, 4)).state) for c in range(4)]

@@ -52,10 +52,14 @@ def client_train_set(corpus: Corpus, cfg: DataConfig, seed: int, partition_id: i
     return client_split(corpus, cfg, seed, partition_id)[0]
 
 
-def client_split(corpus: Corpus, cfg: DataConfig, seed: int, partition_id: int
+def client_split(corpus: Corpus, cfg: DataConfig, seed: int, partition_id: int,
+                 partitions: Sequence[Sequence[int]] | None = None
                  ) -> tuple[TextDataset, TextDataset]:
     """Client ``partition_id``'s (train, test): its partition of ``corpus.train`` cut by
     :func:`split_partition` (``data.client-test-fraction`` = 0: an empty test split).
+    ``partitions``: :func:`partition_indices` of this corpus and configuration when the caller
+    keeps them (computing all N partitions costs O(N): 3 s for 1,000 IID clients of BBC News),
+    else computed here.
 
     The client's test split never enters its (or anyone's) training; the global test split
     (``corpus.test``) is disjoint from every partition.
@@ -63,7 +67,9 @@ def client_split(corpus: Corpus, cfg: DataConfig, seed: int, partition_id: int
     if not 0 <= partition_id < cfg.num_clients:
         raise DataError(f"partition id {partition_id} is out of range for "
                         f"data.num-clients = {cfg.num_clients}")
-    part = partition_indices(corpus.train.labels, cfg, seed, corpus.label_names)[partition_id]
+    if partitions is None:
+        partitions = partition_indices(corpus.train.labels, cfg, seed, corpus.label_names)
+    part = partitions[partition_id]
     train, test = split_partition(part, cfg.client_test_fraction, seed, partition_id)
     return corpus.train.subset(train), corpus.train.subset(test)
 

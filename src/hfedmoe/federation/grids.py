@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 import traceback
 import uuid
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from flwr.app import Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
@@ -129,26 +129,32 @@ class ProgressGrid(Grid):
         return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
-                         ) -> Iterable[Message]:
+                         ) -> Iterator[Message]:
+        """Push ``messages``, then yield each reply as it is pulled (a generator: nothing is
+        sent before the first ``next``). The caller may drop a reply before the next one
+        arrives, so a server that aggregates as it goes holds one upload at a time."""
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
-        replies: list[Message] = []
         while pending and (deadline is None or time.monotonic() < deadline):
-            arrived = self._collect(pending, replies)
+            arrived = 0
+            for reply in self._collect(pending):
+                arrived += 1
+                yield reply
             if pending and deadline is not None and time.monotonic() >= deadline:
                 # the pull outlasted the deadline (blocked by a node killed mid-upload): the
                 # replies that completed meanwhile are ready; one more pull keeps them
-                self._collect(pending, replies)
+                yield from self._collect(pending)
                 break
             if pending and not arrived:
                 time.sleep(self._poll_seconds)
-        return replies
 
-    def _collect(self, pending: set[str], replies: list[Message]) -> int:
-        """Pull the ``pending`` replies that are ready; returns how many arrived."""
-        arrived = list(self.pull_messages(list(pending)))
-        for reply in arrived:
+    def _collect(self, pending: set[str]) -> Iterator[Message]:
+        """Pull the ``pending`` replies that are ready and yield them one by one (each is
+        dropped from the pulled batch before it is yielded: none is held here afterwards)."""
+        ready = list(self.pull_messages(list(pending)))
+        ready.reverse()
+        while ready:
+            reply = ready.pop()
             pending.discard(reply.metadata.reply_to_message_id)
-            replies.append(reply)
             self._on_reply(reply)
-        return len(arrived)
+            yield reply

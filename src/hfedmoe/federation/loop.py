@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from hfedmoe.config import FederationConfig
+from hfedmoe.heap import return_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,10 @@ def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, first_rou
                 strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
                 timeout=policy.round_timeout)
             aggregated, _ = strategy.aggregate_train(server_round, replies)
-            # every client's upload: not held through the next round's training (measured:
-            # with SmolLM2-MoE, 4.7 GiB of FedAvg uploads made round 2 run out of 24 GB)
+            # replies is a generator (ProgressGrid): aggregate_train folded each upload in as
+            # it arrived and dropped it (streaming aggregation, docs/architecture.md)
             del replies
+            return_freed_memory()  # the uploads folded in and dropped (hfedmoe.heap)
             if aggregated is not None:
                 arrays = aggregated
                 break
@@ -73,4 +75,5 @@ def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, first_rou
                 server_round, grid.send_and_receive(evaluations, timeout=policy.round_timeout))
         evaluate_fn(server_round, arrays)
         after_round(server_round, arrays)
+        return_freed_memory()
     return arrays

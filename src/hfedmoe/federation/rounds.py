@@ -46,7 +46,7 @@ def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int,
         "peak_memory_bytes": int(m["peak-memory-bytes"]),
         "peak_memory_estimate_bytes": int(m["peak-memory-estimate-bytes"]),
         "mean_step_seconds": m["mean-step-seconds"],
-        "uploaded_tensors": len(update.state),
+        "uploaded_tensors": int(m.get("uploaded-tensors", len(update.state))),
         "local_steps": int(m["local-steps"]),
         # one-pass selection vs the exact Eq. 15 set (round means; absent otherwise), and a
         # method's routing regulariser (fedalign: round mean of its term)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from dataclasses import replace
 from typing import Iterable, Mapping, Sequence
 
 import torch
@@ -26,7 +27,7 @@ from hfedmoe.config import RunConfig
 from hfedmoe.federation import records
 from hfedmoe.federation.rounds import RoundBook
 from hfedmoe.model.adapter import MoEGeometry
-from hfedmoe.strategies import Method, server_guidance
+from hfedmoe.strategies import Method, begin_aggregation, server_guidance
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,10 @@ class PlannedStrategy(Strategy):
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Validate each reply as it arrives and fold it into the method's aggregation
+        (streaming for a StreamingMethod: the upload is dropped once added, so the server
+        holds the running sums and one reply, not every client's upload); ``updates`` keeps
+        what the round record needs (usage, metrics), not the tensors."""
         updates: list[ClientUpdate] = []
         failures: list[dict] = []
         traffic: dict[int, tuple[int, int]] = {}  # client id -> (bytes up, bytes down)
@@ -132,6 +137,7 @@ class PlannedStrategy(Strategy):
         global_state = records.from_array_record(self._global)
         limits = validation.ReplyLimits.for_run(self._config, self._geometry, self._method,
                                                 self._client_sizes)
+        aggregation = begin_aggregation(self._method, global_state)
 
         def failure(node_id: int, reason: str, kind: str = "rejected") -> dict:
             return {"client_id": self.client_of.get(node_id, -1), "node_id": node_id,
@@ -157,6 +163,7 @@ class PlannedStrategy(Strategy):
                 validation.check_reply(update, global_state, limits)
                 validation.check_identity(node_id, update.client_id, self.client_of,
                                           {u.client_id for u in updates}, self._sent.keys())
+                aggregation.add(update)  # all or nothing: a reply it refuses is not counted
             except (ValueError, KeyError, TypeError) as exc:
                 log.warning("round %d: rejected the reply of node %d: %s", server_round,
                             node_id, exc)
@@ -170,13 +177,14 @@ class PlannedStrategy(Strategy):
             traffic[update.client_id] = (
                 records.record_bytes(reply.content.array_records[records.UPDATE]),
                 self._sent.get(node_id, 0))
-            updates.append(update)
+            updates.append(replace(update, state={}, metrics={
+                **update.metrics, "uploaded-tensors": len(update.state)}))
+            del update, reply  # the upload lives on only in the aggregation's sums
         failures += [failure(n, "no reply before the round timeout", "timeout")
                      for n in self._sent if n not in answered]
         self._unreachable = {f["node_id"] for f in failures if f["kind"] in UNREACHABLE_KINDS}
         enough = len(updates) >= self._config.federation.min_replies
-        new_state, diagnostics = (self._method.aggregate(global_state, updates) if enough
-                                  else (None, {}))
+        new_state, diagnostics = aggregation.finish() if enough else (None, {})
         if enough:
             self.guidance = server_guidance(self._method, updates)
         self._book.train_finished(server_round, updates, failures, traffic,

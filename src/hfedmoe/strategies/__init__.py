@@ -19,6 +19,8 @@ from dataclasses import replace
 from hfedmoe.config import RunConfig
 from hfedmoe.strategies.base import (
     ClientPlan,
+    StreamingMethod,
+    begin_aggregation,
     Diagnostics,
     GuidedMethod,
     Guidance,
@@ -83,5 +85,5 @@ def client_routing_loss(method: Method, guidance, geometry) -> RoutingLoss | Non
     return inner.routing_loss(guidance, geometry) if isinstance(inner, GuidedMethod) else None
 
 
-__all__ = ["ClientPlan", "Diagnostics", "Guidance", "GuidedMethod", "Method", "PlanningMethod",
+__all__ = ["ClientPlan", "Diagnostics", "StreamingMethod", "begin_aggregation", "Guidance", "GuidedMethod", "Method", "PlanningMethod",
            "RoutingLoss", "client_routing_loss", "method_for", "plan_round", "server_guidance"]

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Mapping, Protocol, Sequence, runtime_chec
 
 import torch
 
-from hfedmoe.aggregation import ClientUpdate, State
+from hfedmoe.aggregation import Aggregation, ClientUpdate, State
 from hfedmoe.model.adapter import MoEGeometry
 from hfedmoe.model.state import ROUTER, expert_of, parse_key
 from hfedmoe.training import ExpertSelector, LocalTrainingResult, RoutingLoss
@@ -71,6 +71,41 @@ class Method(Protocol):
         per key, a weighted mean of the uploaded tensors whose weights do not depend on the
         tensor values; a key nobody contributes keeps its global value."""
         ...
+
+
+@runtime_checkable
+class StreamingMethod(Protocol):
+    """A method whose server step takes replies one at a time (optional step): the server
+    folds each reply in as it arrives and drops its upload (hfedmoe.aggregation.Aggregation);
+    its ``aggregate`` is the same step over a list. Methods that need every upload at once
+    (FedAlign-MoE's consistency, robust aggregation) do not have it, and the server collects
+    their replies (:class:`CollectedAggregation`)."""
+
+    def start_aggregation(self, global_state: Mapping[str, torch.Tensor]) -> Aggregation:
+        ...
+
+
+class CollectedAggregation:
+    """The :class:`Aggregation` of a method without streaming: holds the updates, then calls
+    ``aggregate`` once."""
+
+    def __init__(self, method: Method, global_state: Mapping[str, torch.Tensor]) -> None:
+        self._method, self._global = method, global_state
+        self._updates: list[ClientUpdate] = []
+
+    def add(self, update: ClientUpdate) -> None:
+        self._updates.append(update)
+
+    def finish(self) -> tuple[State, Diagnostics]:
+        return self._method.aggregate(self._global, self._updates)
+
+
+def begin_aggregation(method: Method, global_state: Mapping[str, torch.Tensor]) -> Aggregation:
+    """The server step of one round as an :class:`Aggregation`: streaming when ``method``
+    is a :class:`StreamingMethod`, else collected."""
+    if isinstance(method, StreamingMethod):
+        return method.start_aggregation(global_state)
+    return CollectedAggregation(method, global_state)
 
 
 @runtime_checkable

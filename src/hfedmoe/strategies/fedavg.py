@@ -14,7 +14,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from hfedmoe.aggregation import ClientUpdate, State, fedavg
+from hfedmoe.aggregation import Aggregation, ClientUpdate, State, fedavg_aggregation, fold
 from hfedmoe.model.adapter import MoEGeometry
 from hfedmoe.strategies.base import Diagnostics
 from hfedmoe.training import ExpertSelector, LocalTrainingResult
@@ -35,6 +35,9 @@ class FedAvgMethod:
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:
         return dict(trained)
 
+    def start_aggregation(self, global_state: Mapping[str, torch.Tensor]) -> Aggregation:
+        return fedavg_aggregation(global_state)
+
     def aggregate(self, global_state: Mapping[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
-        return fedavg(global_state, updates), {}
+        return fold(self.start_aggregation(global_state), updates)

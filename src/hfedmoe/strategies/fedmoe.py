@@ -38,7 +38,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from hfedmoe.aggregation import ClientUpdate, State, fedavg
+from hfedmoe.aggregation import Aggregation, ClientUpdate, State, fedavg_aggregation, fold
 from hfedmoe.importance import routed_experts
 from hfedmoe.model.adapter import MoEGeometry, RoutingTrace
 from hfedmoe.model.state import expert_of
@@ -130,8 +130,25 @@ class FedMoEMethod:
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:
         return upload_trained(trained, result)
 
+    def start_aggregation(self, global_state: Mapping[str, torch.Tensor]) -> Aggregation:
+        return _ModularAggregation(global_state)
+
     def aggregate(self, global_state: Mapping[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
-        sent = {expert for update in updates for key in update.state
-                if (expert := expert_of(key)) is not None}
-        return fedavg(global_state, updates), {"experts_with_holders": len(sent)}
+        return fold(self.start_aggregation(global_state), updates)
+
+
+class _ModularAggregation:
+    """FedAvg over each key's senders (an expert: its holders), counting the experts sent."""
+
+    def __init__(self, global_state: Mapping[str, torch.Tensor]) -> None:
+        self._mean = fedavg_aggregation(global_state)
+        self._sent: set[tuple[int, int]] = set()
+
+    def add(self, update: ClientUpdate) -> None:
+        self._mean.add(update)
+        self._sent |= {e for key in update.state if (e := expert_of(key)) is not None}
+
+    def finish(self) -> tuple[State, Diagnostics]:
+        state, _ = self._mean.finish()
+        return state, {"experts_with_holders": len(self._sent)}

@@ -43,7 +43,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from hfedmoe.aggregation import ClientUpdate, State, weighted_average
+from hfedmoe.aggregation import Aggregation, ClientUpdate, State, WeightedAggregation, fold
 from hfedmoe.model.adapter import MoEGeometry
 from hfedmoe.model.state import SHARED, expert_of, parse_key
 from hfedmoe.selection import select_active_experts
@@ -98,9 +98,12 @@ class FLExMethod:
     def upload(self, trained: Mapping[str, torch.Tensor], result: LocalTrainingResult) -> State:
         return {key: tensor for key, tensor in trained.items() if parse_key(key).kind == SHARED}
 
-    def aggregate(self, global_state: Mapping[str, torch.Tensor],
-                  updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
+    def start_aggregation(self, global_state: Mapping[str, torch.Tensor]) -> Aggregation:
         def weight(update: ClientUpdate, key: str) -> float:
             return float(update.num_examples) if parse_key(key).kind == SHARED else 0.0
 
-        return weighted_average(global_state, updates, weight), {}
+        return WeightedAggregation(global_state, weight)
+
+    def aggregate(self, global_state: Mapping[str, torch.Tensor],
+                  updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
+        return fold(self.start_aggregation(global_state), updates)

@@ -22,11 +22,13 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from hfedmoe.aggregation import (
+    Aggregation,
     ClientUpdate,
+    HFedMoEAggregation,
     State,
     dominant_experts,
-    fedavg,
-    hfedmoe_aggregate,
+    fedavg_aggregation,
+    fold,
 )
 from hfedmoe.importance import expert_importance, ib_score, routed_experts, routing_kl
 from hfedmoe.model.adapter import MoEGeometry, RoutingTrace
@@ -121,10 +123,13 @@ class HFedMoEMethod:
                 upload[key] = tensor
         return upload
 
+    def start_aggregation(self, global_state: Mapping[str, torch.Tensor]) -> Aggregation:
+        if self.expert_aggregation == "fedavg":
+            return fedavg_aggregation(global_state)
+        return HFedMoEAggregation(global_state, self.tau,
+                                  uniform_gate=self.gate_weighting == "examples",
+                                  expert_step=self.expert_step)
+
     def aggregate(self, global_state: Mapping[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
-        if self.expert_aggregation == "fedavg":
-            return fedavg(global_state, updates), {}
-        return hfedmoe_aggregate(global_state, updates, self.tau,
-                                 uniform_gate=self.gate_weighting == "examples",
-                                 expert_step=self.expert_step)
+        return fold(self.start_aggregation(global_state), updates)

@@ -11,7 +11,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from hfedmoe.aggregation import ClientUpdate, State, fedavg
+from hfedmoe.aggregation import Aggregation, ClientUpdate, State, fedavg_aggregation, fold
 from hfedmoe.importance import routed_experts
 from hfedmoe.model.adapter import MoEGeometry, RoutingTrace
 from hfedmoe.model.state import expert_of
@@ -78,6 +78,9 @@ class RandomSubsetMethod:
         return {key: tensor for key, tensor in trained.items()
                 if (expert := expert_of(key)) is None or bool(result.trained_experts[expert])}
 
+    def start_aggregation(self, global_state: Mapping[str, torch.Tensor]) -> Aggregation:
+        return fedavg_aggregation(global_state)
+
     def aggregate(self, global_state: Mapping[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
-        return fedavg(global_state, updates), {}
+        return fold(self.start_aggregation(global_state), updates)
