@@ -30,7 +30,7 @@ tiny-lm: setup
 	$(BIN)/hfedmoe run --config conf/tiny-lm.toml $(ARGS)
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=25 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
