@@ -115,3 +115,16 @@ def test_a_pull_blocked_past_the_deadline_does_not_cost_the_replies_completed_me
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
     assert len(seen) == 3 and inner.pulls == 3  # one pull after the deadline, no more
     assert time.monotonic() - began < 2.0
+
+
+def test_the_progress_grid_pushes_before_its_replies_are_read():
+    """send_and_receive yields replies lazily (streaming aggregation) but pushes at once: the
+    strategy maps a SuperLink error reply (sent from node 1) to the node asked through the
+    instructions' message ids, which exist only once they are pushed. (A lazy push made a
+    killed SuperNode count as 'node 1 unavailable' plus a timeout.)"""
+    grid = ProgressGrid(InProcessGrid(make_client_app(), 2), lambda reply: None)
+    messages = [Message(RecordDict(), node, MessageType.TRAIN, group_id="1") for node in (1, 2)]
+    replies = grid.send_and_receive(messages, timeout=30)
+    assert all(m.metadata.message_id for m in messages)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == sorted(
+        m.metadata.message_id for m in messages)

@@ -130,11 +130,16 @@ class ProgressGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterator[Message]:
-        """Push ``messages``, then yield each reply as it is pulled (a generator: nothing is
-        sent before the first ``next``). The caller may drop a reply before the next one
-        arrives, so a server that aggregates as it goes holds one upload at a time."""
+        """Push ``messages`` now (they get their message ids, which the caller maps replies
+        back with), then return an iterator that yields each reply as it is pulled. The
+        caller may drop a reply before the next one arrives, so a server that aggregates as
+        it goes holds one upload at a time."""
         pending = set(self.push_messages(messages))
         deadline = None if timeout is None else time.monotonic() + timeout
+        return self._replies(pending, deadline)
+
+    def _replies(self, pending: set[str], deadline: float | None) -> Iterator[Message]:
+        """The replies to the ``pending`` message ids, as they arrive, until ``deadline``."""
         while pending and (deadline is None or time.monotonic() < deadline):
             arrived = 0
             for reply in self._collect(pending):
