@@ -40,6 +40,7 @@ import torch
 
 from hfedmoe.aggregation import ClientUpdate, State, weighted_average
 from hfedmoe.model.state import EXPERT, ROUTER, expert_of, parse_key
+from hfedmoe.training import sample_means
 
 DIVERGENCES = ("kl", "js")
 _EPS = 1e-8  # floor of a probability inside a logarithm
@@ -50,6 +51,11 @@ def routing_mass(update: ClientUpdate) -> torch.Tensor:
     return update.num_examples * update.usage.double()
 
 
+def trained_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
+    """The updates of clients that trained this round (``local-steps`` > 0)."""
+    return [u for u in updates if u.metrics.get("local-steps", 1) > 0]
+
+
 def routing_target(updates: Sequence[ClientUpdate]) -> torch.Tensor:
     """The aligned global routing distribution q: (L, S) float32, rows summing to 1.
 
@@ -57,7 +63,7 @@ def routing_target(updates: Sequence[ClientUpdate]) -> torch.Tensor:
     (the routing distribution of the pooled data, each client's share by its data); a row
     whose mass is 0 becomes uniform. Raises ValueError when no update is given.
     """
-    trained = [u for u in updates if u.metrics.get("local-steps", 1) > 0]
+    trained = trained_updates(updates)
     if not trained:
         raise ValueError("the routing target needs at least one trained update")
     mass = torch.stack([routing_mass(u) for u in trained]).sum(dim=0)  # (L, S)
@@ -100,16 +106,8 @@ def batch_routing_distribution(probabilities: Sequence[torch.Tensor],
     ``attention_mask``: (B, T). Per sample, the mean over its real tokens; then the mean over
     the samples with at least one real token (u_c's definition, Eq. 16, on one batch).
     """
-    mask = attention_mask.to(probabilities[0].dtype)  # (B, T)
-    batch, seq = mask.shape
-    real = attention_mask.bool().any(dim=1)  # (B,)
-    tokens = mask[real].sum(dim=1, keepdim=True)  # (B', 1)
-    rows = []
-    for probs in probabilities:
-        per_token = probs.reshape(batch, seq, -1)  # (B, T, S)
-        summed = torch.einsum("bts,bt->bs", per_token, mask)[real]  # (B', S)
-        rows.append((summed / tokens).mean(dim=0))
-    return torch.stack(rows)  # (L, S)
+    return torch.stack([sample_means(probs, attention_mask).mean(dim=0)
+                        for probs in probabilities])  # (L, S)
 
 
 # --- (a) the gate, row by row ---------------------------------------------------------------

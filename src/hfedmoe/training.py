@@ -121,10 +121,16 @@ def layer_sample_probabilities(probs: torch.Tensor, attention_mask: torch.Tensor
                                ) -> torch.Tensor:
     """:func:`sample_probabilities` of one layer's router probabilities ``probs`` (B*T, S):
     (B', S), detached."""
+    return sample_means(probs.detach(), attention_mask)
+
+
+def sample_means(probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B', S): per sample with at least one real token, the mean of its real tokens' rows of
+    ``probs`` (B*T, S), ``attention_mask`` (B, T); attached to the graph of ``probs``."""
     mask = attention_mask.to(torch.float32)  # (B, T)
     batch, seq = mask.shape
     real = attention_mask.bool().any(dim=1)  # (B,)
-    per_token = probs.detach().reshape(batch, seq, -1)  # (B, T, S)
+    per_token = probs.reshape(batch, seq, -1)  # (B, T, S)
     summed = torch.einsum("bts,bt->bs", per_token, mask)[real]  # (B', S)
     return summed / mask[real].sum(dim=1, keepdim=True)
 

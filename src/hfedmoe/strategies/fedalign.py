@@ -49,6 +49,7 @@ from hfedmoe.alignment import (
     gate_row_weights,
     routing_divergence,
     routing_target,
+    trained_updates,
 )
 from hfedmoe.model.adapter import MoEGeometry, RoutingTrace
 from hfedmoe.model.state import EXPERT, ROUTER, SHARED
@@ -108,14 +109,13 @@ class FedAlignMethod:
     # --- server side ---------------------------------------------------------------
     def guidance(self, updates: Sequence[ClientUpdate]) -> Guidance:
         """What the server sends every client with the next round: q (routing_target)."""
-        trained = [u for u in updates if u.metrics.get("local-steps", 1) > 0]
-        if self.routing_weight <= 0 or not trained:
+        if self.routing_weight <= 0 or not trained_updates(updates):
             return {}
-        return {ROUTING_TARGET: routing_target(trained)}
+        return {ROUTING_TARGET: routing_target(updates)}
 
     def aggregate(self, global_state: Mapping[str, torch.Tensor],
                   updates: Sequence[ClientUpdate]) -> tuple[State, Diagnostics]:
-        trained = [u for u in updates if u.metrics.get("local-steps", 1) > 0]
+        trained = trained_updates(updates)
         holders = self._holders(trained)
         experts = split_kind(global_state, EXPERT)
         if self.consistency or self.budgeted is None:
