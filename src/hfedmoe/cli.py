@@ -81,6 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
                            "\"backward_flops_ratio\": float, \"ideal_ratio\": float, ...}]}")
     step.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     step.add_argument("--out", metavar="DIR", help=argparse.SUPPRESS)
+    scale = benches.add_parser(
+        "scale", help="round time, bytes and memory vs connected clients",
+        description="For each runtime and each number N of connected clients, run the "
+                    "configured experiment (a fresh process each) with K clients sampled per "
+                    "round for training and evaluation (IID partitions), one after another; "
+                    "print per run the round time, bytes per round, the server's and the client "
+                    "processes' peak memory and the clients' resident memory after each round "
+                    "(docs/scaling.md).")
+    _add_config_options(scale)
+    scale.add_argument("--clients", default="10,100,1000", metavar="LIST",
+                       help="comma-separated numbers of connected clients N (default "
+                            "10,100,1000)")
+    scale.add_argument("--sampled", type=int, default=10, metavar="K",
+                       help="clients sampled per round, for training and for evaluation "
+                            "(default 10)")
+    scale.add_argument("--rounds", type=int, default=2, help="rounds per run (default 2)")
+    scale.add_argument("--runtimes", default="inprocess,ray", metavar="LIST",
+                       help="comma-separated simulation.runtime values (default inprocess,ray)")
+    scale.add_argument("--json", metavar="FILE", help="also write the rows as JSON")
+    scale.add_argument("--out", metavar="DIR",
+                       help="keep each run in DIR/<runtime>-n<N> (default: a temporary "
+                            "directory, removed)")
+    scale.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     add_deploy_parser(commands)
     add_use_parsers(commands)
     return parser
@@ -135,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         config = resolve_config(args)
+        if args.command == "bench" and args.bench == "scale":
+            return _bench_scale(config, args)
         if args.command == "bench":
             return _bench_step(config, args)
         if args.command == "compare":
@@ -228,6 +253,43 @@ def _bench_step(config, args: argparse.Namespace) -> int:
     print(format_profiles(calibration_of(report, meta), report.min_budget))
     if args.json:
         write_json(report, Path(args.json), meta)
+    return 0
+
+
+def _bench_scale(config, args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from hfedmoe.bench_scale import BenchRunError, format_table, measure_run, run_settings
+
+    try:
+        clients = [int(n) for n in args.clients.split(",")]
+    except ValueError:
+        raise ConfigError(f"--clients '{args.clients}': expected integers like 10,100") from None
+    if min(clients) < 1 or args.sampled < 1 or args.rounds < 1:
+        raise ConfigError("--clients, --sampled and --rounds must be >= 1")
+    runtimes = args.runtimes.split(",")
+    layers = [load_config_file(path) for path in args.config]
+    layers.append(dict(parse_assignment(text) for text in args.overrides))
+    for runtime in runtimes:  # every run's configuration is valid before the first starts
+        for n in clients:
+            parse_run_config(*layers, run_settings(runtime, n, args.sampled, args.rounds))
+    rows: list[dict] = []
+    print(format_table(rows), flush=True)  # the header; a row as each run ends
+    with tempfile.TemporaryDirectory(prefix="hfedmoe-bench-scale-") as tmp:
+        root = Path(args.out) if args.out else Path(tmp)
+        for runtime in runtimes:
+            for n in clients:
+                try:
+                    rows.append(measure_run(args.config, args.overrides, runtime, n,
+                                            args.sampled, args.rounds, root / f"{runtime}-n{n}"))
+                except BenchRunError as exc:
+                    print(f"hfedmoe: error: {exc}", file=sys.stderr)
+                    return 1
+                print(format_table(rows[-1:]).splitlines()[-1], flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"config": config.to_flat(), "rows": rows},
+                                              indent=2, default=str) + "\n", encoding="utf-8")
     return 0
 
 

@@ -21,17 +21,58 @@ deduplicated by storage and without the parameters' own storage (views of weight
 so an inactive expert (no grad) contributes nothing and a deferred one only its input tokens.
 It misses allocations made during the backward itself (gradient buffers before they are
 accumulated, temporaries) and the optimizer's temporaries; `hfedmoe bench step` reports both.
+
+A whole process's memory (:func:`process_memory`: resident now and the lifetime peak, as the
+kernel counts them) is what a Ray actor or a SuperNode's ClientApp process costs the machine:
+clients report it with every reply, so memory that creeps across rounds shows in the records.
 """
 
 from __future__ import annotations
 
 import os
+import resource
+import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry, shape_wrapper
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    resident_bytes: int  # resident set size now (bytes)
+    peak_resident_bytes: int  # the process's largest resident set size so far (bytes)
+
+
+def process_memory() -> ProcessMemory:
+    """This process's resident memory now and its lifetime peak, in bytes: ``VmRSS`` and
+    ``VmHWM`` of ``/proc/self/status`` (one read, so the two are consistent); where there is
+    no /proc, ``getrusage``'s ``ru_maxrss`` (KiB on Linux, bytes on macOS) stands in for both.
+    The kernel's counters are approximate to a few hundred KiB. A Ray actor's peak covers
+    every client it ever ran."""
+    fields: dict[str, int] = {}
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                name, _, value = line.partition(":")
+                if name in ("VmRSS", "VmHWM"):
+                    fields[name] = int(value.split()[0]) * 1024  # "<n> kB"
+    except (OSError, ValueError, IndexError):
+        fields = {}
+    if len(fields) == 2:
+        return ProcessMemory(fields["VmRSS"], max(fields["VmHWM"], fields["VmRSS"]))
+    usage = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = usage if sys.platform == "darwin" else usage * 1024
+    return ProcessMemory(peak, peak)
+
+
+def process_cpu_seconds() -> float:
+    """CPU time (user + system, every thread) this process has used so far, in seconds."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 class SavedActivationMeter:

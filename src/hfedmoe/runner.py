@@ -88,19 +88,23 @@ def _run_ray(config: RunConfig, prepared: PreparedRun) -> dict:
 
     from hfedmoe.federation.client_app import app as client_app
     from hfedmoe.federation.server_app import make_server_app
+    from hfedmoe.federation.simulation_engine import addressed_nodes_only
 
     summary_file = Path(config.out) / "summary.json"  # a resumed run's is stale
     summary_file.unlink(missing_ok=True)
-    run_simulation(
-        server_app=make_server_app(config.to_flat(), prepared),
-        client_app=client_app,
-        num_supernodes=config.data.num_clients,
-        backend_config={
-            "client_resources": {"num_cpus": config.simulation.client_cpus, "num_gpus": 0.0},
-            "init_args": {"num_cpus": max(os.cpu_count() or 1, config.simulation.client_cpus),
-                          "include_dashboard": False},
-        },
-    )
+    with addressed_nodes_only():  # Flower's engine asks only nodes with a waiting message
+        run_simulation(
+            server_app=make_server_app(config.to_flat(), prepared),
+            client_app=client_app,
+            num_supernodes=config.data.num_clients,
+            backend_config={
+                "client_resources": {"num_cpus": config.simulation.client_cpus,
+                                     "num_gpus": 0.0},
+                "init_args": {"num_cpus": max(os.cpu_count() or 1,
+                                              config.simulation.client_cpus),
+                              "include_dashboard": False},
+            },
+        )
     if not summary_file.is_file():
         raise RuntimeError("the simulation ended without writing summary.json; see the log above")
     return json.loads(summary_file.read_text(encoding="utf-8"))

@@ -42,3 +42,58 @@ def test_personal_evaluation_every_k_rounds_on_a_sample(tmp_path):
     assert {r["round"]: [p["client_id"] for p in r.get("personal") or []]
             for r in records(again)} == {r["round"]: [p["client_id"] for p in r.get("personal")
                                                        or []] for r in records(out)}
+
+
+def _array_bytes(message) -> int:
+    """Serialised bytes of every array a message carries, as the ClientApp got them."""
+    return sum(len(array.data) for record in message.content.array_records.values()
+               for array in record.values())
+
+
+def test_with_100_connected_and_10_sampled_only_the_sampled_nodes_get_messages(tmp_path):
+    """N = 100 connected, K = 10 sampled for training and for evaluation, in-process: every
+    message a node receives is counted at the ClientApp, apart from the server's accounting."""
+    from flwr.clientapp import ClientApp
+
+    from hfedmoe.config import load_config_file, parse_run_config
+    from hfedmoe.federation.client_app import make_client_app
+    from hfedmoe.federation.grids import InProcessGrid
+    from hfedmoe.federation.server_app import run_server
+
+    real, counting, received = make_client_app(), ClientApp(), []
+
+    def delegate(kind):
+        def handle(msg, context):
+            reply = real(msg, context)
+            received.append({"kind": kind, "node": context.node_config["partition-id"],
+                             "round": int(msg.content.config_records["plan"]["server-round"]),
+                             "down": _array_bytes(msg), "up": _array_bytes(reply)})
+            return reply
+        return handle
+
+    counting.train()(delegate("train"))
+    counting.evaluate()(delegate("evaluate"))
+    config = parse_run_config(load_config_file(ROOT / "conf/tiny.toml"), {
+        "out": str(tmp_path / "run"), "data.num-clients": 100, "data.partition": "iid",
+        "data.min-partition-size": 1, "train.fraction-train": 0.1,
+        "train.fraction-evaluate": 0.1, "train.local-steps": 1, "num-server-rounds": 2,
+        "checkpoint.every": 0})
+    summary = run_server(InProcessGrid(counting, 100), config)
+    by_round = {r["round"]: r for r in records(tmp_path / "run")}
+    for r in (1, 2):
+        got = [m for m in received if m["round"] == r]
+        trained = sorted(m["node"] for m in got if m["kind"] == "train")
+        evaluated = sorted(m["node"] for m in got if m["kind"] == "evaluate")
+        assert len(trained) == len(set(trained)) == 10  # ten nodes, once each
+        assert len(evaluated) == len(set(evaluated)) == 10
+        assert trained == sorted(c["client_id"] for c in by_round[r]["clients"])
+        assert set(p["client_id"] for p in by_round[r]["personal"]) <= set(evaluated)
+        # the round's bytes are exactly the sum over its messages, by kind
+        assert by_round[r]["bytes_down_train"] == sum(m["down"] for m in got
+                                                      if m["kind"] == "train")
+        assert by_round[r]["bytes_down_evaluate"] == sum(m["down"] for m in got
+                                                         if m["kind"] == "evaluate")
+        assert by_round[r]["bytes_up"] == sum(m["up"] for m in got) > 0
+    assert len(received) == 2 * (10 + 10)  # the 90 others received nothing
+    assert summary["bytes_down"] == sum(m["down"] for m in received)
+    assert summary["bytes_up"] == sum(m["up"] for m in received)

@@ -3,7 +3,12 @@
 import torch
 import torch.nn.functional as F
 
-from hfedmoe.measurement import AllocatorPeak, SavedActivationMeter, flop_counter
+from hfedmoe.measurement import (
+    AllocatorPeak,
+    SavedActivationMeter,
+    flop_counter,
+    process_memory,
+)
 
 
 def test_saved_activations_count_inputs_and_outputs_but_not_weights_or_their_views():
@@ -73,3 +78,25 @@ def test_allocator_peak_of_a_step_counts_what_the_tensor_estimate_misses():
     assert meter.peak_bytes >= weights + saved.peak_bytes
     assert meter.peak_bytes >= 4 * weights + 1024 * 8 * 4
     assert meter.peak_bytes < 4 * weights + 4 * saved.peak_bytes  # nothing unrelated counted
+
+
+def _statm_resident_bytes() -> int:
+    """Resident pages from /proc/self/statm (another file than the one process_memory reads)."""
+    import os
+    return int(open("/proc/self/statm", encoding="ascii").read().split()[1]) * os.sysconf(
+        "SC_PAGE_SIZE")
+
+
+def test_process_memory_is_the_resident_set_and_its_peak():
+    before = process_memory()
+    block = torch.ones(128 * 2**20 // 4)  # 128 MiB, written, so resident (its own mapping)
+    during = process_memory()
+    statm = _statm_resident_bytes()
+    assert during.resident_bytes - before.resident_bytes >= 120 * 2**20
+    assert abs(during.resident_bytes - statm) < 16 * 2**20  # resident, not the virtual size
+    assert during.peak_resident_bytes >= during.resident_bytes
+    del block
+    after = process_memory()
+    assert after.resident_bytes < during.resident_bytes - 100 * 2**20  # freed: returned
+    # the peak remembers it (the kernel's counters agree to a few hundred KiB)
+    assert after.peak_resident_bytes >= during.resident_bytes - 2**20

@@ -28,6 +28,22 @@ def test_reply_round_trips():
     assert update.metrics["budget-experts"] == 1
 
 
+def test_the_client_process_memory_travels_to_the_round_record():
+    from hfedmoe.federation.rounds import client_entry
+    from hfedmoe.measurement import ProcessMemory
+
+    memory = ProcessMemory(resident_bytes=3 * 2**30 + 5, peak_resident_bytes=4 * 2**30 + 7)
+    update = records.parse_train_reply(records.train_reply(4, 1, {}, _result(), memory), (1, 2))
+    entry = client_entry(update, 0, 0)
+    assert entry["process_resident_bytes"] == 3 * 2**30 + 5
+    assert entry["process_peak_resident_bytes"] == 4 * 2**30 + 7
+    assert isinstance(entry["process_resident_bytes"], int)
+    # a reply without them (an older client) is still valid, and its entry has none
+    bare = client_entry(records.parse_train_reply(records.train_reply(4, 1, {}, _result()),
+                                                  (1, 2)), 0, 0)
+    assert "process_resident_bytes" not in bare
+
+
 def test_reply_with_wrong_usage_shape_is_rejected():
     content = records.train_reply(0, 1, {}, _result())
     with pytest.raises(ValueError, match="usage"):

@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 from hfedmoe import faults
 from hfedmoe.client import evaluate_client, process_resources, run_client_round
 from hfedmoe.config import RunConfig, parse_run_config
+from hfedmoe.measurement import process_memory
 from hfedmoe.federation import records
 from hfedmoe.personal_store import CLIENT_STATE_DIR, PersonalStore, rounds_to_keep
 
@@ -71,7 +72,7 @@ def make_client_app() -> ClientApp:
         upload = faults.attacked_upload(config.faults, partition_id, outcome.upload,
                                         instruction.global_state)  # testing only
         content = records.train_reply(partition_id, outcome.budget_experts, upload,
-                                      outcome.result)
+                                      outcome.result, process_memory())
         return Message(content, reply_to=msg)
 
     @client_app.evaluate()

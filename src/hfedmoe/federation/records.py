@@ -21,7 +21,10 @@ Train reply (client -> server):
                                ``local-steps`` (0: the client sat the round out);
                                with one-pass selection also ``selection-overlap``,
                                ``selection-share`` (vs the exact Eq. 15 set, round means);
-                               with a routing regulariser ``routing-loss`` (round mean)
+                               with a routing regulariser ``routing-loss`` (round mean);
+                               ``process-resident-bytes`` and ``process-peak-resident-bytes``
+                               (the client process after the round: resident now, lifetime
+                               peak; hfedmoe.measurement.process_memory)
   ``"routing"`` MetricRecord - flattened row-major from (L, S): ``usage`` u_c(e) (Eq. 16),
                                ``trained`` (1 = the expert got a gradient this round),
                                ``importance`` s^c(e) (methods that select experts only)
@@ -55,6 +58,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from hfedmoe.aggregation import ClientUpdate
 from hfedmoe.calibration import Calibration
+from hfedmoe.measurement import ProcessMemory
 from hfedmoe.training import LocalTrainingResult
 from hfedmoe.validation import check_tensors
 
@@ -66,7 +70,8 @@ REPLY_METRIC_KEYS = ("num-examples", "client-id", "train-loss", "budget-experts"
                      "max-active-experts-per-batch", "peak-memory-bytes",
                      "peak-memory-estimate-bytes", "mean-step-seconds", "local-steps")
 # sent when the client selected experts in one pass (budget.mode = "one-pass"); diagnostics
-OPTIONAL_REPLY_METRIC_KEYS = ("selection-overlap", "selection-share", "routing-loss")
+OPTIONAL_REPLY_METRIC_KEYS = ("selection-overlap", "selection-share", "routing-loss",
+                              "process-resident-bytes", "process-peak-resident-bytes")
 
 
 def to_array_record(state: Mapping[str, torch.Tensor]) -> ArrayRecord:
@@ -142,7 +147,8 @@ def parse_train_instruction(content: RecordDict) -> TrainInstruction:
 
 
 def train_reply(client_id: int, budget_experts: int, upload: Mapping[str, torch.Tensor],
-                result: LocalTrainingResult) -> RecordDict:
+                result: LocalTrainingResult, process: ProcessMemory | None = None
+                ) -> RecordDict:
     metrics = MetricRecord({
         "num-examples": result.num_examples,
         "client-id": client_id,
@@ -157,6 +163,9 @@ def train_reply(client_id: int, budget_experts: int, upload: Mapping[str, torch.
             "selection-share": result.selection_share}
            if result.selection_overlap is not None else {}),
         **({"routing-loss": result.routing_loss} if result.routing_loss is not None else {}),
+        **({"process-resident-bytes": process.resident_bytes,
+            "process-peak-resident-bytes": process.peak_resident_bytes}
+           if process is not None else {}),
     })
     routing = {"usage": _flat(result.usage),
                "trained": [int(t) for t in result.trained_experts.reshape(-1)]}

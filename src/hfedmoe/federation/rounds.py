@@ -14,7 +14,8 @@ from typing import Mapping, Protocol, Sequence
 import torch
 
 from hfedmoe.aggregation import ClientUpdate
-from hfedmoe.federation.records import ClientAccuracy
+from hfedmoe.federation.records import OPTIONAL_REPLY_METRIC_KEYS, ClientAccuracy
+from hfedmoe.measurement import process_cpu_seconds, process_memory
 
 
 class RecordSink(Protocol):
@@ -48,10 +49,11 @@ def client_entry(update: ClientUpdate, bytes_up: int, bytes_down: int,
         "mean_step_seconds": m["mean-step-seconds"],
         "uploaded_tensors": int(m.get("uploaded-tensors", len(update.state))),
         "local_steps": int(m["local-steps"]),
-        # one-pass selection vs the exact Eq. 15 set (round means; absent otherwise), and a
-        # method's routing regulariser (fedalign: round mean of its term)
-        **{key.replace("-", "_"): m[key]
-           for key in ("selection-overlap", "selection-share", "routing-loss") if key in m},
+        # one-pass selection vs the exact Eq. 15 set (round means; absent otherwise), a
+        # method's routing regulariser (fedalign: round mean of its term), and the client
+        # process's resident and peak memory after the round (bytes)
+        **{key.replace("-", "_"): int(m[key]) if key.endswith("-bytes") else m[key]
+           for key in OPTIONAL_REPLY_METRIC_KEYS if key in m},
     }
 
 
@@ -163,6 +165,7 @@ class RoundBook:
         """Close the round's record with the global model's evaluation (``metrics``: the
         task's extras, e.g. causal-lm's perplexity, exact_match, rouge_l) and write it."""
         now = time.perf_counter()
+        server = process_memory()  # the server's process (in-process: the clients' too)
         record = {
             "round": server_round,
             "accuracy": accuracy,
@@ -179,6 +182,9 @@ class RoundBook:
             **(self._pending if server_round > 0 else {}),
             "round_seconds": now - self._round_start if server_round > 0 else 0.0,
             "elapsed_seconds": now - self._started,
+            "server_resident_bytes": server.resident_bytes,
+            "server_peak_resident_bytes": server.peak_resident_bytes,
+            "server_cpu_seconds": process_cpu_seconds(),  # cumulative, every thread
         }
         self._pending = {}
         self._sink.record_round(record)
