@@ -86,8 +86,13 @@ def round_seed(seed: int, server_round: int, client_id: int) -> int:
 
 
 def build_model(config: RunConfig, num_labels: int) -> MoEAdapter:
-    """The run's model with its task's head (``num_labels``: classes; unused by causal-lm)."""
-    return task_for(config.task).build_adapter(config.model, num_labels, config.seed)
+    """The run's model with its task's head (``num_labels``: classes; unused by causal-lm),
+    and each expert's LoRA factors with ``train.adapter = "lora"`` (hfedmoe.model.lora;
+    raises UnsupportedModelError for a family whose experts take none)."""
+    adapter = task_for(config.task).build_adapter(config.model, num_labels, config.seed)
+    if config.train.adapter == "lora":
+        adapter.attach_lora(config.lora.settings(), config.seed)
+    return adapter
 
 
 def load_usable_corpus(config: RunConfig, tokenizer) -> Corpus:
@@ -183,8 +188,8 @@ class ClientResources:
         return self._partitions[1]
 
     def model(self, config: RunConfig, num_labels: int) -> MoEAdapter:
-        key = json.dumps([config.model.__dict__, config.seed, num_labels, config.task],
-                         sort_keys=True)
+        key = json.dumps([config.model.__dict__, config.seed, num_labels, config.task,
+                          config.train.adapter, config.lora.__dict__], sort_keys=True)
         if key != self._model_key:
             self._model, self._model_key = build_model(config, num_labels), key
         return self._model

@@ -18,7 +18,10 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+if TYPE_CHECKING:
+    from hfedmoe.model.lora import LoRASettings
 
 Scalar = bool | int | float | str
 
@@ -38,6 +41,8 @@ ROBUST_AGGREGATIONS = ("mean", "clip", "trimmed-mean")
 FAILURE_MODES = ("raise", "hang")
 ATTACKS = ("sign-flip", "scale")
 EXPERT_STEPS = ("holders", "data-share")  # hfedmoe.aggregation.aggregate_experts
+ADAPTERS = ("none", "lora")  # train.adapter; hfedmoe.model.lora
+LORA_TARGETS = ("experts",)
 BUDGET_MODES = ("one-pass", "recompute")  # hfedmoe.model.sparse_experts
 OPTIMIZER_STATES = ("batch", "round")  # hfedmoe.training.drop_idle_expert_state
 
@@ -224,8 +229,10 @@ class TrainConfig:
     eval_batch_size: int
     fraction_evaluate: float  # share of connected clients sampled for client-side evaluation
     evaluate_every: int  # client-side evaluation every k rounds (and the last round)
+    adapter: str  # "none": experts train their weights; "lora": per-expert LoRA ([lora])
 
     def __post_init__(self) -> None:
+        _choice("train.adapter", self.adapter, ADAPTERS)
         _require(self.local_steps >= 1, "train.local-steps", self.local_steps, "an integer >= 1")
         _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
@@ -238,6 +245,26 @@ class TrainConfig:
                  self.fraction_evaluate, "a number in (0, 1]")
         _require(self.evaluate_every >= 1, "train.evaluate-every", self.evaluate_every,
                  "an integer >= 1")
+
+
+@dataclass(frozen=True)
+class LoRAConfig:
+    rank: int  # r of every expert projection's factors
+    alpha: float  # the update is scaled by alpha / r
+    dropout: float  # dropout on the factors' input
+    targets: str  # what gets factors: "experts" (every routed expert's projections)
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
+        _require(self.alpha > 0 and math.isfinite(self.alpha), "lora.alpha", self.alpha,
+                 "a finite number > 0")
+        _require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "a number in [0, 1)")
+        _choice("lora.targets", self.targets, LORA_TARGETS)
+
+    def settings(self) -> "LoRASettings":
+        from hfedmoe.model.lora import LoRASettings
+
+        return LoRASettings(self.rank, float(self.alpha), float(self.dropout))
 
 
 @dataclass(frozen=True)
@@ -404,6 +431,7 @@ class RunConfig:
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
+    lora: LoRAConfig
     budget: BudgetConfig
     hfedmoe: HFedMoEConfig
     fedalign: FedAlignConfig
@@ -455,7 +483,7 @@ class RunConfig:
 
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
-             "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "fedalign": FedAlignConfig,
+             "lora": LoRAConfig, "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "fedalign": FedAlignConfig,
              "simulation": SimulationConfig,
              "federation": FederationConfig, "robust": RobustConfig, "faults": FaultsConfig,
              "checkpoint": CheckpointConfig, "generate": GenerateConfig}

@@ -22,10 +22,13 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Protocol
+from typing import TYPE_CHECKING, Callable, Mapping, Protocol
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from hfedmoe.model.lora import LoRASettings
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,21 @@ class MoEAdapter(Protocol):
     model: nn.Module  # a classifier: model(input_ids (B,T), attention_mask (B,T)) -> logits (B, C)
 
     def expert_parameters(self, layer: int, expert: int) -> Mapping[str, nn.Parameter]:
-        """The live parameters of one expert, by short name (e.g. ``"gate_up_proj"``)."""
+        """The live trainable parameters of one expert, by short name (e.g.
+        ``"gate_up_proj"``; its LoRA factors ``"lora.gate_up_proj.A"``, ... when it has some)."""
         ...
 
     def router_parameters(self, layer: int) -> Mapping[str, nn.Parameter]:
         """The live parameters of one layer's router (gate), by short name."""
+        ...
+
+    def attach_lora(self, settings: "LoRASettings", seed: int) -> None:
+        """Give every routed expert its own LoRA factors (hfedmoe.model.lora); they become
+        the experts' parameters in :meth:`expert_parameters`."""
+        ...
+
+    def merge_lora(self) -> None:
+        """Fold any LoRA factors into the expert weights and drop them (export)."""
         ...
 
     def non_expert_parameters(self, scope: str) -> Mapping[str, nn.Parameter]:

@@ -20,6 +20,7 @@ from torch import nn
 
 from hfedmoe.model.adapter import BackwardPlan, MoEGeometry, OnlinePlan, RoutingTrace
 from hfedmoe.model.classifier import HEAD_PREFIX, MoEClassifier
+from hfedmoe.model.lora import LORA_PREFIX, LoRASettings, attach_factors, merge_factors
 from hfedmoe.model.sparse_experts import SparseExperts
 
 # router forward output -> (probabilities (tokens, S) float32, top_k_index (tokens, k) int64)
@@ -61,9 +62,34 @@ class ModelAdapter:
     # --- live parameters -------------------------------------------------------------
 
     def expert_parameters(self, layer: int, expert: int) -> dict[str, nn.Parameter]:
-        """The live parameters of routed expert ``(layer, expert)`` by short name."""
+        """The live trainable parameters of routed expert ``(layer, expert)`` by short name:
+        its LoRA factors (``lora.<projection>.A`` / ``.B``) when it has some
+        (:meth:`attach_lora`), else its own weights."""
         self._check_expert(layer, expert)
-        return dict(self.banks[layer].experts[expert].named_parameters())
+        params = dict(self.banks[layer].experts[expert].named_parameters())
+        factors = {name: p for name, p in params.items() if name.startswith(LORA_PREFIX)}
+        return factors or params
+
+    def attach_lora(self, settings: LoRASettings, seed: int) -> None:
+        """Give every routed expert its own LoRA factors (hfedmoe.model.lora), seeded by
+        (``seed``, layer, expert, projection); from then on they are the experts' trainable
+        parameters and the base weights stay frozen. Raises :class:`UnsupportedModelError`
+        for a family whose experts have no LoRA targets (SwitchTransformers' T5 experts)."""
+        for bank in self.banks:
+            for index, expert in enumerate(bank.experts):
+                if not hasattr(expert, "lora_targets"):
+                    raise UnsupportedModelError(
+                        f"train.adapter = \"lora\" is not supported for {self.family} experts "
+                        f"({type(expert).__name__}); use train.adapter = \"none\"")
+                attach_factors(expert, settings, seed, bank.layer_index, index)
+
+    def merge_lora(self) -> None:
+        """Fold every expert's LoRA factors into its weights (W ← W + ΔW) and drop them: the
+        model is then a plain model with the same outputs (dropout off), for export."""
+        for bank in self.banks:
+            for expert in bank.experts:
+                if len(getattr(expert, "lora", ())):
+                    merge_factors(expert)
 
     def router_parameters(self, layer: int) -> dict[str, nn.Parameter]:
         """The live parameters of MoE layer ``layer``'s router by short name (no buffers)."""

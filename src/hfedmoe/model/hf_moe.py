@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from hfedmoe.model.generic import RoutingFn, UnsupportedModelError
+from hfedmoe.model.lora import grouped_lora_delta, lora_linear
 from hfedmoe.model.sparse_experts import SparseExperts, grouped_linear
 
 FUSED_FAMILIES = ("qwen2_moe", "qwen3_moe", "olmoe", "mixtral", "deepseek_v3")
@@ -70,8 +71,17 @@ class GatedExpert(nn.Module):
         self.gate_up_proj = nn.Parameter(gate_up_proj.detach().clone(), requires_grad=requires_grad)
         self.down_proj = nn.Parameter(down_proj.detach().clone(), requires_grad=requires_grad)
         self.act_fn = act_fn
+        self.lora = nn.ModuleDict()  # per-projection LoRA factors (hfedmoe.model.lora)
+
+    def lora_targets(self) -> dict[str, nn.Parameter]:
+        """The projections LoRA adapts, by name: weight (out, in)."""
+        return {"gate_up_proj": self.gate_up_proj, "down_proj": self.down_proj}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if len(self.lora):
+            gate, up = lora_linear(hidden_states, self.gate_up_proj,
+                                   self.lora["gate_up_proj"]).chunk(2, dim=-1)  # (t, I) x2
+            return lora_linear(self.act_fn(gate) * up, self.down_proj, self.lora["down_proj"])
         gate, up = nn.functional.linear(hidden_states, self.gate_up_proj).chunk(2, dim=-1)  # (t, I) x2
         return nn.functional.linear(self.act_fn(gate) * up, self.down_proj)  # (t, H)
 
@@ -79,10 +89,20 @@ class GatedExpert(nn.Module):
     def grouped_forward(experts: Sequence["GatedExpert"], x: torch.Tensor, sizes: Sequence[int]
                         ) -> torch.Tensor:
         """Each expert's forward on its block of rows of ``x`` (n, H), ``sizes[i]`` rows for
-        ``experts[i]``, as two grouped matrix products. (n, H)."""
+        ``experts[i]``, as two grouped matrix products (two more per projection with LoRA
+        factors, hfedmoe.model.lora). (n, H)."""
+        lora = len(experts[0].lora) > 0
         gate_up = grouped_linear(x, [e.gate_up_proj for e in experts], sizes)  # (n, 2I)
+        if lora:
+            gate_up = gate_up + grouped_lora_delta(
+                x, [e.lora["gate_up_proj"] for e in experts], sizes, grouped_linear)
         gate, up = gate_up.chunk(2, dim=-1)  # (n, I) x2
-        return grouped_linear(experts[0].act_fn(gate) * up, [e.down_proj for e in experts], sizes)
+        hidden = experts[0].act_fn(gate) * up  # (n, I)
+        out = grouped_linear(hidden, [e.down_proj for e in experts], sizes)  # (n, H)
+        if lora:
+            out = out + grouped_lora_delta(hidden, [e.lora["down_proj"] for e in experts],
+                                           sizes, grouped_linear)
+        return out
 
 
 def check_fused_layout(experts: nn.Module, where: str) -> None:

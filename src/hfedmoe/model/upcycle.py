@@ -21,6 +21,7 @@ from torch import nn
 from transformers import BertModel
 from transformers.activations import ACT2FN
 
+from hfedmoe.model.lora import grouped_lora_delta, lora_linear
 from hfedmoe.model.sparse_experts import SparseExperts, grouped_linear
 
 
@@ -32,19 +33,37 @@ class DenseActExpert(nn.Module):
         self.up = nn.Linear(hidden_size, expert_size, bias=True)
         self.act = ACT2FN[hidden_act]
         self.down = nn.Linear(expert_size, hidden_size, bias=False)
+        self.lora = nn.ModuleDict()  # per-projection LoRA factors (hfedmoe.model.lora)
+
+    def lora_targets(self) -> dict[str, nn.Parameter]:
+        """The projections LoRA adapts, by name: weight (out, in); ``up``'s bias stays frozen."""
+        return {"up": self.up.weight, "down": self.down.weight}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if len(self.lora):
+            hidden = lora_linear(hidden_states, self.up.weight, self.lora["up"]) + self.up.bias
+            return lora_linear(self.act(hidden), self.down.weight, self.lora["down"])
         return self.down(self.act(self.up(hidden_states)))  # (tokens, H)
 
     @staticmethod
     def grouped_forward(experts: Sequence["DenseActExpert"], x: torch.Tensor,
                         sizes: Sequence[int]) -> torch.Tensor:
         """Each expert's forward on its block of rows of ``x`` (n, H), ``sizes[i]`` rows for
-        ``experts[i]``, as two grouped matrix products. (n, H)."""
+        ``experts[i]``, as two grouped matrix products (two more per projection with LoRA
+        factors, hfedmoe.model.lora). (n, H)."""
+        lora = len(experts[0].lora) > 0
         counts = torch.tensor(list(sizes), device=x.device)
         bias = torch.stack([e.up.bias for e in experts]).repeat_interleave(counts, dim=0)  # (n, m)
         hidden = grouped_linear(x, [e.up.weight for e in experts], sizes) + bias  # (n, m)
-        return grouped_linear(experts[0].act(hidden), [e.down.weight for e in experts], sizes)
+        if lora:
+            hidden = hidden + grouped_lora_delta(x, [e.lora["up"] for e in experts], sizes,
+                                                 grouped_linear)
+        hidden = experts[0].act(hidden)
+        out = grouped_linear(hidden, [e.down.weight for e in experts], sizes)  # (n, H)
+        if lora:
+            out = out + grouped_lora_delta(hidden, [e.lora["down"] for e in experts], sizes,
+                                           grouped_linear)
+        return out
 
 
 class UpcycledRouter(nn.Module):
