@@ -73,6 +73,7 @@ def test_with_100_connected_and_10_sampled_only_the_sampled_nodes_get_messages(t
 
     counting.train()(delegate("train"))
     counting.evaluate()(delegate("evaluate"))
+    counting.query()(delegate("query"))
     config = parse_run_config(load_config_file(ROOT / "conf/tiny.toml"), {
         "out": str(tmp_path / "run"), "data.num-clients": 100, "data.partition": "iid",
         "data.min-partition-size": 1, "train.fraction-train": 0.1,
@@ -94,6 +95,12 @@ def test_with_100_connected_and_10_sampled_only_the_sampled_nodes_get_messages(t
         assert by_round[r]["bytes_down_evaluate"] == sum(m["down"] for m in got
                                                          if m["kind"] == "evaluate")
         assert by_round[r]["bytes_up"] == sum(m["up"] for m in got) > 0
-    assert len(received) == 2 * (10 + 10)  # the 90 others received nothing
+    # the 90 others received nothing but, once, the question which client they are (the
+    # sample is drawn over client ids: node ids are random on Ray and in deployment)
+    queries = [m for m in received if m["kind"] == "query"]
+    assert sorted(m["node"] for m in queries) == list(range(100))
+    assert {m["round"] for m in queries} == {1} and all(m["down"] == m["up"] == 0
+                                                         for m in queries)
+    assert len(received) == 2 * (10 + 10) + 100
     assert summary["bytes_down"] == sum(m["down"] for m in received)
     assert summary["bytes_up"] == sum(m["up"] for m in received)

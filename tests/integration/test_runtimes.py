@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from hfedmoe.config import load_config_file, parse_run_config
+from hfedmoe.report import read_metrics
 from hfedmoe.runner import run_experiment
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -28,11 +29,22 @@ def _env(tmp_path):
 @pytest.mark.slow
 def test_ray_simulation_runtime_matches_inprocess(tmp_path):
     base = load_config_file(ROOT / "conf/tiny.toml")
-    ray = run_experiment(parse_run_config(base, {"simulation.runtime": "ray",
-                                                 "out": str(tmp_path / "ray")}))
-    local = run_experiment(parse_run_config(base, {"simulation.runtime": "inprocess",
-                                                   "out": str(tmp_path / "local")}))
-    assert ray["rounds"] == 2 and len(ray["clients"]) == 3
+    # half of 6 clients sampled for training and for evaluation: Ray gives its nodes random
+    # ids, the in-process runtime 1..N; the sample is drawn over client ids, so it is the same
+    sampled = {"data.num-clients": 6, "train.fraction-train": 0.5,
+               "train.fraction-evaluate": 0.5}
+    ray = run_experiment(parse_run_config(base, sampled, {"simulation.runtime": "ray",
+                                                          "out": str(tmp_path / "ray")}))
+    local = run_experiment(parse_run_config(base, sampled, {"simulation.runtime": "inprocess",
+                                                            "out": str(tmp_path / "local")}))
+    assert ray["rounds"] == 2
+
+    def who(out):
+        return [([c["client_id"] for c in r["clients"]], [p["client_id"] for p in r["personal"]])
+                for r in read_metrics(out) if r["round"] > 0]
+
+    assert who(tmp_path / "ray") == who(tmp_path / "local")
+    assert all(len(trained) == 3 for trained, _ in who(tmp_path / "ray"))
     # same seeds, same partitions, same arithmetic: the runtime does not change the result
     assert ray["accuracy_by_round"] == pytest.approx(local["accuracy_by_round"], abs=1e-6)
     assert ray["personal_accuracy_by_round"][1:] == pytest.approx(

@@ -91,6 +91,13 @@ def make_client_app() -> ClientApp:
                                          result.loss)
         return Message(content, reply_to=msg)
 
+    @client_app.query()
+    def query(msg: Message, context: Context) -> Message:
+        """Which client (partition) this node is: the server samples over client ids
+        (hfedmoe.federation.records, identity query)."""
+        return Message(records.identity_reply(int(context.node_config["partition-id"])),
+                       reply_to=msg)
+
     return client_app
 
 

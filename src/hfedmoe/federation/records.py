@@ -35,6 +35,13 @@ Evaluate reply (client -> server):
   ``"evaluation"`` MetricRecord - ``client-id``, ``num-examples`` (size of the client's own
                                test split), ``accuracy``, ``loss`` of the global model with the
                                client's personal state loaded over it, on that split
+Identity query (server -> node), message type ``query``, sent once per node and run when a
+round samples fewer than all connected nodes (node ids are random per run; the sample is
+drawn over client ids, so that it is the same in every run of a configuration):
+  ``"plan"``    ConfigRecord - ``server-round``
+Identity reply (node -> server):
+  ``"identity"`` MetricRecord - ``client-id`` (the node's partition id)
+
 Node state (``context.state``, kept by the node across rounds, never sent):
   ``"personal"`` ArrayRecord  - the client's personal tensors (flat keys; methods with a
                                personal part, e.g. flex), absent before its first round
@@ -64,7 +71,7 @@ from hfedmoe.validation import check_tensors
 
 GLOBAL, PLAN, UPDATE, METRICS, ROUTING = "global", "plan", "update", "metrics", "routing"
 GUIDANCE = "guidance"
-EVALUATION, PERSONAL = "evaluation", "personal"
+EVALUATION, PERSONAL, IDENTITY = "evaluation", "personal", "identity"
 EVALUATE_METRIC_KEYS = ("client-id", "num-examples", "accuracy", "loss")
 REPLY_METRIC_KEYS = ("num-examples", "client-id", "train-loss", "budget-experts",
                      "max-active-experts-per-batch", "peak-memory-bytes",
@@ -277,6 +284,23 @@ def parse_evaluate_reply(content: RecordDict) -> ClientAccuracy:
     if not np.isfinite(parsed.loss):
         raise ValueError(f"evaluate reply: loss = {parsed.loss} is not finite")
     return parsed
+
+
+def identity_query(server_round: int) -> RecordDict:
+    """Asks a node which client (partition) it is."""
+    return RecordDict({PLAN: ConfigRecord({"server-round": server_round})})
+
+
+def identity_reply(client_id: int) -> RecordDict:
+    return RecordDict({IDENTITY: MetricRecord({"client-id": client_id})})
+
+
+def parse_identity_reply(content: RecordDict) -> int:
+    """The client id of an identity reply; raises ValueError if it carries none."""
+    if IDENTITY not in content.metric_records or \
+            "client-id" not in content.metric_records[IDENTITY]:
+        raise ValueError(f"identity reply lacks '{IDENTITY}' / 'client-id'")
+    return _integer(content.metric_records[IDENTITY], "client-id")
 
 
 def personal_state(node_state: RecordDict) -> dict[str, torch.Tensor]:

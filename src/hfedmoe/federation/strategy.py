@@ -12,7 +12,7 @@ import logging
 import random
 import time
 from dataclasses import replace
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -38,12 +38,16 @@ class NodeSamplingTimeout(RuntimeError):
 
 def sample_node_ids(grid: Grid, fraction: float, seed: int, server_round: int,
                     deadline_seconds: float, expected: int = 1, minimum: int = 1,
-                    poll_seconds: float = 1.0) -> list[int]:
+                    poll_seconds: float = 1.0,
+                    order: Callable[[list[int]], list[int]] = sorted) -> list[int]:
     """Sample ``round(fraction * N)`` of the N connected nodes, deterministically per round.
 
     Waits until ``expected`` nodes are connected, but never past ``deadline_seconds``
     (Flower's own ``sample_nodes`` can wait forever); then samples from those connected,
-    and raises NodeSamplingTimeout if fewer than ``minimum`` are.
+    and raises NodeSamplingTimeout if fewer than ``minimum`` are. The seeded sample picks
+    positions in ``order(node_ids)`` (called only when fewer than all are sampled): ordered by
+    client id (``PlannedStrategy.order_by_client``), the same clients are sampled in every run
+    of a configuration, whatever ids the runtime gave its nodes.
     """
     deadline = time.monotonic() + deadline_seconds
     while True:
@@ -55,7 +59,9 @@ def sample_node_ids(grid: Grid, fraction: float, seed: int, server_round: int,
         raise NodeSamplingTimeout(f"{len(node_ids)} node(s) connected within "
                                   f"{deadline_seconds:.0f} s, {max(1, minimum)} needed")
     count = sample_size(fraction, len(node_ids))
-    return sorted(random.Random(f"{seed}/{server_round}").sample(node_ids, count))
+    if count >= len(node_ids):
+        return node_ids
+    return sorted(random.Random(f"{seed}/{server_round}").sample(order(node_ids), count))
 
 
 def sample_size(fraction: float, num_nodes: int) -> int:
@@ -85,6 +91,7 @@ class PlannedStrategy(Strategy):
         self._evaluate_sent = 0  # bytes of this round's evaluation instructions
         self._instructions: list[Message] = []  # this round's, message ids set by the grid
         self.client_of: dict[int, int] = {}  # node id -> client (partition) id, from replies
+        self._asked: set[int] = set()  # nodes sent an identity query (once per run)
         self._sampled_once = False  # the first sampling waits for every node; later ones not
         self._unreachable: set[int] = set()  # nodes lost in this round's training
         # the method's extra tensors for the next round (GuidedMethod; a checkpoint keeps them)
@@ -104,7 +111,9 @@ class PlannedStrategy(Strategy):
         expected = federation.min_replies if self._sampled_once else self._config.data.num_clients
         node_ids = sample_node_ids(grid, self._config.train.fraction_train, self._config.seed,
                                    server_round, federation.sampling_deadline,
-                                   expected=expected, minimum=federation.min_replies)
+                                   expected=expected, minimum=federation.min_replies,
+                                   order=lambda ids: self.order_by_client(grid, ids,
+                                                                          server_round))
         self._sampled_once = True
         self._book.round_started(server_round, len(node_ids))
         guidance = records.to_array_record(self.guidance) if self.guidance else None
@@ -116,6 +125,43 @@ class PlannedStrategy(Strategy):
                                       node_id, MessageType.TRAIN, group_id=str(server_round))
                               for node_id in node_ids]
         return self._instructions
+
+    def order_by_client(self, grid: Grid, node_ids: Sequence[int], server_round: int
+                        ) -> list[int]:
+        """``node_ids`` ordered by the client (partition) id each node holds, nodes whose id
+        stays unknown last (by node id). Nodes not heard from before are asked once per run
+        (records.identity_query, MessageType.QUERY) and given up to the sampling deadline;
+        one that does not answer, or answers with an id that is not a valid client id or that
+        another node holds, stays unknown and is not asked again."""
+        unknown = [n for n in node_ids if n not in self.client_of and n not in self._asked]
+        if unknown:
+            self._asked.update(unknown)
+            self._identify(grid, unknown, server_round)
+        known = sorted((self.client_of[n], n) for n in node_ids if n in self.client_of)
+        return [n for _, n in known] + sorted(n for n in node_ids if n not in self.client_of)
+
+    def _identify(self, grid: Grid, node_ids: Sequence[int], server_round: int) -> None:
+        messages = [Message(records.identity_query(server_round), node_id, MessageType.QUERY,
+                            group_id=str(server_round)) for node_id in node_ids]
+        waiting = dict(zip(grid.push_messages(messages), node_ids))  # message id -> node
+        deadline = time.monotonic() + self._config.federation.sampling_deadline
+        while waiting and time.monotonic() < deadline:
+            replies = list(grid.pull_messages(list(waiting)))
+            for reply in replies:
+                node_id = waiting.pop(reply.metadata.reply_to_message_id, None)
+                if node_id is None or reply.has_error():
+                    continue
+                try:
+                    client_id = records.parse_identity_reply(reply.content)
+                    if not 0 <= client_id < self._config.data.num_clients:
+                        raise ValueError(f"client id {client_id} out of range")
+                    validation.check_identity(node_id, client_id, self.client_of, set())
+                except ValueError as exc:
+                    log.warning("node %d: identity not taken: %s", node_id, exc)
+                    continue
+                self.client_of[node_id] = client_id
+            if waiting and not replies:
+                time.sleep(0.05)
 
     def instruction_for(self, node_id: int, server_round: int, arrays: ArrayRecord,
                         guidance: ArrayRecord | None = None) -> RecordDict:
@@ -211,8 +257,9 @@ class PlannedStrategy(Strategy):
         if not reachable:
             return []
         count = sample_size(train.fraction_evaluate, len(reachable))
-        chosen = sorted(random.Random(f"{self._config.seed}/evaluate/{server_round}")
-                        .sample(reachable, count))
+        chosen = reachable if count >= len(reachable) else sorted(
+            random.Random(f"{self._config.seed}/evaluate/{server_round}")
+            .sample(self.order_by_client(grid, reachable, server_round), count))
         content = records.evaluate_instruction(server_round, self._flat_config, arrays,
                                                self._lineage)
         self._evaluate_sent = records.record_bytes(arrays) * len(chosen)
