@@ -29,17 +29,23 @@ LOGIT_COPIES = 3  # causal-lm: logits, their float32 log-softmax and its gradien
 
 
 def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, int]:
-    """(cost of one more trainable expert, base bytes) for batches of ``config.train``."""
+    """(cost of one more trainable expert, base bytes) for batches of ``config.train``.
+
+    The expert's size (its own weights) sets its activations; its trainable tensors set the
+    gradient and AdamW-moment bytes: the weights themselves, or with ``train.adapter =
+    "lora"`` its factors (hfedmoe.model.lora; their own small activations are not counted)."""
     geometry = adapter.geometry
-    expert = list(adapter.expert_parameters(0, 0).items())
+    expert = list(adapter.expert_weights(0, 0).items())
     params_per_expert = sum(p.numel() for _, p in expert)
+    trainable_bytes = tensor_bytes(adapter.expert_parameters(0, 0).values())
     hidden = adapter.model.backbone.get_input_embeddings().embedding_dim
     gated = any("gate" in name for name, _ in expert)
     intermediate = max(1, params_per_expert // ((3 if gated else 2) * hidden))
     tokens = config.train.batch_size * config.model.max_length
     cost = expert_cost(params_per_expert, hidden, intermediate, tokens, geometry.top_k,
                        geometry.num_experts, gated=gated)
-    cost = replace(cost, param_bytes=0)  # weights are counted in the base
+    cost = replace(cost, param_bytes=0,  # weights are counted in the base
+                   grad_bytes=trainable_bytes, optimizer_bytes=2 * trainable_bytes)
     non_expert = [p for layer in range(geometry.num_layers)
                   for p in adapter.router_parameters(layer).values()]
     non_expert += list(adapter.non_expert_parameters(config.model.trainable_non_expert).values())

@@ -181,3 +181,21 @@ def test_lora_is_refused_for_switch_and_bad_settings_name_the_key():
                        ("train.adapter", "qlora")):
         with pytest.raises(ConfigError, match=key):
             parse_run_config({key: value})
+
+
+def test_the_cost_model_charges_the_factors_as_the_trainable_state():
+    from hfedmoe.costs import training_costs
+
+    config = parse_run_config({"model.name": "tiny:qwen2_moe"})
+    full_cost, full_base = training_costs(_adapter(lora=None), config)
+    lora = _adapter()
+    lora_cost, lora_base = training_costs(lora, config)
+    factor_bytes = sum(p.numel() * 4 for p in lora.expert_parameters(0, 0).values())
+    assert lora_cost.grad_bytes == factor_bytes and lora_cost.optimizer_bytes == 2 * factor_bytes
+    assert factor_bytes < full_cost.grad_bytes
+    # the expert's activations follow its size, which LoRA does not change
+    assert lora_cost.activation_bytes == full_cost.activation_bytes
+    g = lora.geometry
+    assert lora_base == full_base + sum(p.numel() * 4 for layer in range(g.num_layers)
+                                        for e in range(g.num_experts)
+                                        for p in lora.expert_parameters(layer, e).values())

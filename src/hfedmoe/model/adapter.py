@@ -113,6 +113,10 @@ class MoEAdapter(Protocol):
         """The live parameters of one layer's router (gate), by short name."""
         ...
 
+    def expert_weights(self, layer: int, expert: int) -> Mapping[str, nn.Parameter]:
+        """One expert's own weights (trainable or, with LoRA factors, frozen), by short name."""
+        ...
+
     def attach_lora(self, settings: "LoRASettings", seed: int) -> None:
         """Give every routed expert its own LoRA factors (hfedmoe.model.lora); they become
         the experts' parameters in :meth:`expert_parameters`."""

@@ -70,6 +70,13 @@ class ModelAdapter:
         factors = {name: p for name, p in params.items() if name.startswith(LORA_PREFIX)}
         return factors or params
 
+    def expert_weights(self, layer: int, expert: int) -> dict[str, nn.Parameter]:
+        """Routed expert ``(layer, expert)``'s own weights by short name, trainable or frozen
+        (with LoRA factors attached they are frozen; the factors are not among them)."""
+        self._check_expert(layer, expert)
+        return {name: p for name, p in self.banks[layer].experts[expert].named_parameters()
+                if not name.startswith(LORA_PREFIX)}
+
     def attach_lora(self, settings: LoRASettings, seed: int) -> None:
         """Give every routed expert its own LoRA factors (hfedmoe.model.lora), seeded by
         (``seed``, layer, expert, projection); from then on they are the experts' trainable

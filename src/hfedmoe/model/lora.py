@@ -16,7 +16,7 @@ of experts as two more ``grouped_mm`` calls.
 
 Why not peft here: peft 0.21's ``target_parameters`` LoRA for fused experts computes every
 expert's delta on every forward and rejects dropout, so it cannot give a budget saving
-(docs/language-models.md, "LoRA").
+(docs/lora.md).
 
 Factors are initialised like peft's default (A: Kaiming-uniform with a = √5, B: zeros), from
 a generator seeded by (run seed, layer, expert, projection), so that every process of a run
