@@ -43,6 +43,7 @@ ATTACKS = ("sign-flip", "scale")
 EXPERT_STEPS = ("holders", "data-share")  # hfedmoe.aggregation.aggregate_experts
 ADAPTERS = ("none", "lora")  # train.adapter; hfedmoe.model.lora
 LORA_TARGETS = ("experts",)
+LORA_AGGREGATIONS = ("factors", "frozen-a")  # hfedmoe.model.lora
 BUDGET_MODES = ("one-pass", "recompute")  # hfedmoe.model.sparse_experts
 OPTIMIZER_STATES = ("batch", "round")  # hfedmoe.training.drop_idle_expert_state
 
@@ -253,8 +254,10 @@ class LoRAConfig:
     alpha: float  # the update is scaled by alpha / r
     dropout: float  # dropout on the factors' input
     targets: str  # what gets factors: "experts" (every routed expert's projections)
+    aggregation: str  # "factors": A and B trained and averaged apart; "frozen-a": only B
 
     def __post_init__(self) -> None:
+        _choice("lora.aggregation", self.aggregation, LORA_AGGREGATIONS)
         _require(self.rank >= 1, "lora.rank", self.rank, "an integer >= 1")
         _require(self.alpha > 0 and math.isfinite(self.alpha), "lora.alpha", self.alpha,
                  "a finite number > 0")
@@ -264,7 +267,8 @@ class LoRAConfig:
     def settings(self) -> "LoRASettings":
         from hfedmoe.model.lora import LoRASettings
 
-        return LoRASettings(self.rank, float(self.alpha), float(self.dropout))
+        return LoRASettings(self.rank, float(self.alpha), float(self.dropout),
+                            train_a=self.aggregation == "factors")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ model it leaves is a plain model with the updates merged into the expert weights
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hfedmoe.config import load_config_file, parse_run_config
@@ -53,16 +54,18 @@ def test_lora_runs_learn_upload_factors_by_rank_and_leave_a_merged_model(tmp_pat
             assert torch.equal(model.non_expert_parameters("all")[name], value), name
 
 
-def test_hfedmoe_with_lora_trains_only_budgeted_experts_factors(tmp_path):
+@pytest.mark.parametrize("aggregation, factors_per_expert", [("factors", 4), ("frozen-a", 2)])
+def test_hfedmoe_with_lora_trains_only_budgeted_experts_factors(tmp_path, aggregation,
+                                                               factors_per_expert):
     out = tmp_path / "hfedmoe-lora"
     config = parse_run_config(load_config_file(TINY), {
         "out": str(out), "method": "hfedmoe", "budget.experts": "4", "num-server-rounds": 1,
-        "train.adapter": "lora", "checkpoint.every": 0})
+        "train.adapter": "lora", "lora.aggregation": aggregation, "checkpoint.every": 0})
     run_experiment(config)
     [record] = [r for r in read_metrics(out) if r["round"] == 1]
     for client in record["clients"]:
         assert 1 <= client["max_active_experts_per_batch"] <= 4
-        # per trained expert 4 factor tensors (A, B of two projections) travel, plus the
-        # routers (one tensor per MoE layer) and the head (weight, bias)
+        # per trained expert its trained factors travel (A and B of two projections; B only
+        # with frozen A), plus the routers (one tensor per MoE layer) and the head
         trained = sum(client["trained_experts"])
-        assert client["uploaded_tensors"] == 4 * trained + 2 + 2
+        assert client["uploaded_tensors"] == factors_per_expert * trained + 2 + 2

@@ -199,3 +199,47 @@ def test_the_cost_model_charges_the_factors_as_the_trainable_state():
     assert lora_base == full_base + sum(p.numel() * 4 for layer in range(g.num_layers)
                                         for e in range(g.num_experts)
                                         for p in lora.expert_parameters(layer, e).values())
+
+
+@pytest.mark.parametrize("aggregation", ["factors", "frozen-a"])
+def test_frozen_a_averages_the_updates_exactly_and_the_factor_average_does_not(aggregation):
+    """Two clients' trained factors of one expert, aggregated by the real FedAvg fold with
+    equal weights; the merged update is compared with the mean of the clients' own ΔW."""
+    from hfedmoe.aggregation import ClientUpdate, fedavg_aggregation, fold
+    from hfedmoe.model.state import read_state
+
+    config = parse_run_config({"model.name": "tiny:qwen2_moe", "train.adapter": "lora",
+                               "lora.aggregation": aggregation})
+    settings = config.lora.settings()
+    clients = [_adapter(lora=settings) for _ in range(2)]
+    server = _adapter(lora=settings)
+    params = [set_trainable(a, "head") for a in clients]
+    names = set(clients[0].expert_parameters(0, 0))
+    assert names == ({"lora.gate_up_proj.B", "lora.down_proj.B"} if aggregation == "frozen-a"
+                     else {"lora.gate_up_proj.A", "lora.gate_up_proj.B", "lora.down_proj.A",
+                           "lora.down_proj.B"})
+    for seed, trainable in enumerate(params):  # each client's own "training": other values
+        g = torch.Generator().manual_seed(10 + seed)
+        with torch.no_grad():
+            for p in trainable.values():
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    states = [read_state(p) for p in params]
+    usage = torch.zeros(2, 8)
+    updates = [ClientUpdate(c, 10, state, usage, {}) for c, state in enumerate(states)]
+    global_state = read_state(set_trainable(server, "head"))
+    new_state, _ = fold(fedavg_aggregation(global_state), updates)
+    server_params = set_trainable(server, "head")
+    with torch.no_grad():
+        for key, value in new_state.items():
+            server_params[key].copy_(value)
+
+    def delta(adapter):  # ΔW of expert (0, 0)'s down projection
+        return adapter.banks[0].experts[0].lora["down_proj"].delta_weight().detach()
+
+    mean_delta = (delta(clients[0]) + delta(clients[1])) / 2
+    exact = torch.allclose(delta(server), mean_delta, atol=1e-6)
+    assert exact == (aggregation == "frozen-a")
+    for adapter in clients:  # frozen A: never changed, the same seeded A everywhere
+        a = adapter.banks[0].experts[0].lora["down_proj"].A
+        assert torch.equal(a, server.banks[0].experts[0].lora["down_proj"].A) == (
+            aggregation == "frozen-a")

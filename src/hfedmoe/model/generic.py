@@ -20,7 +20,13 @@ from torch import nn
 
 from hfedmoe.model.adapter import BackwardPlan, MoEGeometry, OnlinePlan, RoutingTrace
 from hfedmoe.model.classifier import HEAD_PREFIX, MoEClassifier
-from hfedmoe.model.lora import LORA_PREFIX, LoRASettings, attach_factors, merge_factors
+from hfedmoe.model.lora import (
+    LORA_PREFIX,
+    LoRASettings,
+    attach_factors,
+    is_trainable_factor,
+    merge_factors,
+)
 from hfedmoe.model.sparse_experts import SparseExperts
 
 # router forward output -> (probabilities (tokens, S) float32, top_k_index (tokens, k) int64)
@@ -58,17 +64,20 @@ class ModelAdapter:
         self.geometry = MoEGeometry(len(banks), banks[0].num_experts, top_k)
         self._routing = routing
         self._non_expert = _non_expert_names(model, banks, routers, set(input_embedding_names))
+        self._lora: LoRASettings | None = None  # the experts' LoRA factors (attach_lora)
 
     # --- live parameters -------------------------------------------------------------
 
     def expert_parameters(self, layer: int, expert: int) -> dict[str, nn.Parameter]:
         """The live trainable parameters of routed expert ``(layer, expert)`` by short name:
-        its LoRA factors (``lora.<projection>.A`` / ``.B``) when it has some
-        (:meth:`attach_lora`), else its own weights."""
+        its LoRA factors (``lora.<projection>.A`` / ``.B``; only the B factors with
+        ``lora.aggregation = "frozen-a"``) when it has some (:meth:`attach_lora`), else its
+        own weights."""
         self._check_expert(layer, expert)
         params = dict(self.banks[layer].experts[expert].named_parameters())
-        factors = {name: p for name, p in params.items() if name.startswith(LORA_PREFIX)}
-        return factors or params
+        if self._lora is None:
+            return params
+        return {name: p for name, p in params.items() if is_trainable_factor(name, self._lora)}
 
     def expert_weights(self, layer: int, expert: int) -> dict[str, nn.Parameter]:
         """Routed expert ``(layer, expert)``'s own weights by short name, trainable or frozen
@@ -89,6 +98,7 @@ class ModelAdapter:
                         f"train.adapter = \"lora\" is not supported for {self.family} experts "
                         f"({type(expert).__name__}); use train.adapter = \"none\"")
                 attach_factors(expert, settings, seed, bank.layer_index, index)
+        self._lora = settings
 
     def merge_lora(self) -> None:
         """Fold every expert's LoRA factors into its weights (W ← W + ΔW) and drop them: the
@@ -97,6 +107,7 @@ class ModelAdapter:
             for expert in bank.experts:
                 if len(getattr(expert, "lora", ())):
                     merge_factors(expert)
+        self._lora = None
 
     def router_parameters(self, layer: int) -> dict[str, nn.Parameter]:
         """The live parameters of MoE layer ``layer``'s router by short name (no buffers)."""

@@ -44,6 +44,10 @@ class LoRASettings:
     rank: int  # r >= 1
     alpha: float  # the update is scaled by alpha / r
     dropout: float  # on the factors' input, in [0, 1)
+    # False (lora.aggregation = "frozen-a"): A stays at its seeded init, the same in every
+    # process, and only B trains; averaging B over clients then averages their updates B·A
+    # exactly (the plain factor average does not: mean(B)·mean(A) != mean(B·A))
+    train_a: bool = True
 
     @property
     def scaling(self) -> float:
@@ -96,6 +100,11 @@ def grouped_lora_delta(x: torch.Tensor, factors: Sequence[LoRAFactors], sizes: S
         return torch.cat(parts) * first.scaling
     hidden = grouped_linear(x, [f.A for f in factors], sizes)  # (n, r)
     return grouped_linear(hidden, [f.B for f in factors], sizes) * first.scaling
+
+
+def is_trainable_factor(name: str, settings: LoRASettings) -> bool:
+    """Whether the expert parameter ``name`` is a factor that trains under ``settings``."""
+    return name.startswith(LORA_PREFIX) and (settings.train_a or not name.endswith(".A"))
 
 
 def factor_seed(seed: int, layer: int, expert: int, projection: str) -> int:
