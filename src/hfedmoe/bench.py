@@ -107,7 +107,9 @@ def bench_step(config: RunConfig, budgets: list[int], steps: int, repeats: int) 
         (f"hfedmoe budget {b}", b, method.selector(b, adapter.geometry, config.seed))
         for b in budgets]
     settings = local_settings(config, config.seed, local_steps=steps)
-    batch = next(batches(data, config.train.batch_size, torch.Generator().manual_seed(0)))
+    device = next(adapter.model.parameters()).device
+    batch = {name: tensor.to(device) for name, tensor in
+             next(batches(data, config.train.batch_size, torch.Generator().manual_seed(0))).items()}
     counts = {}
     for label, budget, selector in [*modes, ("no expert learns", 0, None)]:
         write_state(params, initial)

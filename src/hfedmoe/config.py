@@ -34,6 +34,7 @@ DIVERGENCES = ("kl", "js")  # hfedmoe.alignment.routing_divergence
 TASKS = ("classification", "causal-lm")  # hfedmoe.tasks
 DATA_SOURCES = ("bbc-news", "wordnet", "quiz", "file", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
+PRECISIONS = ("auto", "fp32", "bf16-mixed")  # "auto": bf16-mixed on a CUDA device with bf16
 TRAINABLE_NON_EXPERT = ("head", "all")
 RUNTIMES = ("ray", "inprocess")
 ON_TOO_FEW = ("skip", "retry")
@@ -149,6 +150,7 @@ class ModelConfig:
     aux_loss_coef: float
     device: str
     dropout: float
+    precision: str = "auto"  # default: export manifests written before the key existed
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", self.name, "a model name or path")
@@ -161,6 +163,7 @@ class ModelConfig:
         _require(self.device == "cpu" or self.device.startswith("cuda"), "model.device",
                  self.device, "'cpu', 'cuda' or 'cuda:N'")
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
+        _choice("model.precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from hfedmoe.model.classifier import mixed_precision
 from hfedmoe.model.sparse_experts import SparseExperts
 
 
@@ -45,8 +46,10 @@ class MoECausalLM(nn.Module):
             raise ValueError(f"input_ids and attention_mask must both be (batch, seq_len); got "
                              f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
         # the family's own head computation (logit scaling, soft-capping where it has them)
-        return self.hf_model(input_ids=input_ids, attention_mask=attention_mask,
-                             use_cache=False).logits  # (B, T, V)
+        with mixed_precision(self, input_ids.device):
+            logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask,
+                                   use_cache=False).logits
+        return logits.float()  # (B, T, V)
 
 
 @torch.no_grad()
@@ -64,10 +67,11 @@ def greedy_generate(model: MoECausalLM, prompts: Sequence[Sequence[int]], max_ne
     try:
         for ids in prompts:
             input_ids = torch.tensor([list(ids)], dtype=torch.int64, device=device)
-            out = lm.generate(input_ids, attention_mask=torch.ones_like(input_ids),
-                              max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              eos_token_id=stops or None, pad_token_id=pad_id, use_cache=True,
-                              temperature=None, top_p=None, top_k=None)
+            with mixed_precision(model, device):
+                out = lm.generate(input_ids, attention_mask=torch.ones_like(input_ids),
+                                  max_new_tokens=max_new_tokens, do_sample=False,
+                                  num_beams=1, eos_token_id=stops or None, pad_token_id=pad_id,
+                                  use_cache=True, temperature=None, top_p=None, top_k=None)
             new = out[0, input_ids.shape[1]:].tolist()
             cut = next((i for i, token in enumerate(new) if token in stops), len(new))
             answers.append(new[:cut])

@@ -22,8 +22,16 @@ def masked_mean(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
     return summed / mask.sum(dim=1).clamp_min(1.0)  # (B, H)
 
 
+def mixed_precision(model: nn.Module, device: torch.device):
+    """Autocast to ``model.autocast_dtype`` (``model.precision``; set by the loader) on
+    ``device``; a no-op context when it is None."""
+    dtype = getattr(model, "autocast_dtype", None)
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
 class MoEClassifier(nn.Module):
-    """``logits (B, C) = classifier(masked_mean(backbone(input_ids, mask).last_hidden_state))``."""
+    """``logits (B, C) = classifier(masked_mean(backbone(input_ids, mask).last_hidden_state))``,
+    float32 (under ``model.precision = "bf16-mixed"`` computed in bf16 autocast)."""
 
     def __init__(self, backbone: nn.Module, hidden_size: int, num_labels: int) -> None:
         super().__init__()
@@ -38,5 +46,8 @@ class MoEClassifier(nn.Module):
                 f"input_ids and attention_mask must both be (batch, seq_len); got "
                 f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}"
             )
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return self.classifier(masked_mean(hidden, attention_mask))  # (B, C)
+        with mixed_precision(self, input_ids.device):
+            hidden = self.backbone(input_ids=input_ids,
+                                   attention_mask=attention_mask).last_hidden_state
+            logits = self.classifier(masked_mean(hidden, attention_mask))
+        return logits.float()  # (B, C)

@@ -149,7 +149,20 @@ def load_adapter(model_cfg: ModelConfig, num_labels: int, seed: int,
         backbone = pretrained_backbone(model_folder(model_cfg), model_cfg.dropout)
         adapter = adapter_from_backbone(backbone, backbone.config.model_type, num_labels, seed)
     adapter.model.to(model_cfg.device).eval()
+    adapter.model.autocast_dtype = autocast_dtype(model_cfg.precision, model_cfg.device)
     return adapter
+
+
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype of ``model.precision`` on ``device``: bfloat16 for ``"bf16-mixed"``
+    (and for ``"auto"`` on a CUDA device that supports it), else None (plain float32). The
+    weights, their gradients and the optimizer state stay float32 either way."""
+    if precision == "bf16-mixed":
+        return torch.bfloat16
+    if precision == "auto" and device.startswith("cuda") and torch.cuda.is_available() \
+            and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
 
 
 def model_folder(model_cfg: ModelConfig) -> str:

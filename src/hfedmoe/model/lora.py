@@ -84,7 +84,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, factors: LoRAFactors | No
     return out if factors is None else out + factors(x)
 
 
-def grouped_lora_delta(x: torch.Tensor, factors: Sequence[LoRAFactors], sizes: Sequence[int],
+def grouped_lora_delta(x: torch.Tensor, factors: Sequence[LoRAFactors],
+                       sizes: "Sequence[int] | torch.Tensor",
                        grouped_linear: Callable) -> torch.Tensor:
     """Row block i of ``x`` (n, in) times ``factors[i]``'s ΔWᵀ, as two grouped products
     (n, r) then (n, out); the experts of a group share settings, so one dropout and one
@@ -95,8 +96,11 @@ def grouped_lora_delta(x: torch.Tensor, factors: Sequence[LoRAFactors], sizes: S
     if (rank * first.A.element_size()) % GROUPED_MM_ALIGNMENT:
         # grouped_mm needs 16-byte-aligned rows: (n, r) rows of r float32s are not when r is
         # not a multiple of 4; then one pair of products per expert on its rows
+        sizes = sizes.tolist() if isinstance(sizes, torch.Tensor) else list(sizes)
+        rest = x.shape[0] - sum(sizes)  # rows past the groups (sync-free path): zero delta
         parts = [nn.functional.linear(nn.functional.linear(part, f.A), f.B)
-                 for f, part in zip(factors, x.split(list(sizes)))]
+                 for f, part in zip(factors, x.split(sizes + [rest])[:len(sizes)])]
+        parts.append(x.new_zeros(rest, first.B.shape[0]))
         return torch.cat(parts) * first.scaling
     hidden = grouped_linear(x, [f.A for f in factors], sizes)  # (n, r)
     return grouped_linear(hidden, [f.B for f in factors], sizes) * first.scaling

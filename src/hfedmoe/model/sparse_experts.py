@@ -10,7 +10,11 @@ sorted by expert ONCE; each expert's tokens are then one contiguous slice, the e
 a group (:func:`run_group`: ``torch.nn.functional.grouped_mm`` over the stacked weights of the
 group for the families that provide :meth:`grouped_forward`, else one call per expert on its
 slice), and one ``index_add_`` per layer puts the weighted outputs back in token order. No
-per-expert full-size scatter on the plain and one-pass paths; ``budget.mode = "recompute"``
+per-expert full-size scatter on the plain and one-pass paths. On a GPU the plain path (every
+routed expert learns) makes no host synchronisation at all (:func:`dispatch_on_device`: the
+group sizes stay a device tensor of counts and every expert of the layer is in the group, idle
+ones with no rows); the one-pass path needs the active set on the host to build the graph, one
+synchronisation per layer; ``budget.mode = "recompute"``
 (:meth:`SparseExperts._deferred_forward`) still runs one :class:`_DeferredExpert` call and
 one ``index_add_`` per routed expert.
 
@@ -92,6 +96,9 @@ class SparseExperts(nn.Module):
         self.num_experts = len(self.experts)
         self.layer_index = layer_index
         self.plan: BackwardPlan | OnlinePlan | None = None
+        # plain path without host synchronisation: None = on CUDA only (on a CPU a sync costs
+        # nothing and the host path skips idle experts); True/False force it (tests)
+        self.sync_free: bool | None = None
 
     def forward(
         self,
@@ -105,24 +112,52 @@ class SparseExperts(nn.Module):
         if isinstance(self.plan, OnlinePlan) and torch.is_grad_enabled():
             active = self.plan.choose(self.layer_index).to(hidden_states.device)
             self.plan.chosen[self.layer_index] = active
+        if active is None and self._runs_sync_free(hidden_states):
+            return self._sync_free_forward(hidden_states, top_k_index, top_k_weights)
         slots = dispatch(top_k_index, self.num_experts, active)
         learning = sum(slots.active_sizes)  # sorted slots that belong to active experts
         outputs = []
         # the two groups gather their tokens apart: the active experts' backward keeps its
         # input, and a view into one gather of all slots would keep the inactive rows too
+        # both groups' sizes go to the device in one copy (grouped kernels take them there)
+        sizes = torch.tensor(slots.active_sizes + slots.inactive_sizes, dtype=torch.int64,
+                             device=hidden_states.device)
+        split = len(slots.active_sizes)
         if slots.active_experts:
             outputs.append(run_group([self.experts[e] for e in slots.active_experts],
-                                     hidden_states[slots.token[:learning]], slots.active_sizes))
+                                     hidden_states[slots.token[:learning]], slots.active_sizes,
+                                     sizes[:split]))
         if slots.inactive_experts:
             with torch.no_grad():
                 outputs.append(run_group([self.experts[e] for e in slots.inactive_experts],
                                          hidden_states[slots.token[learning:]],
-                                         slots.inactive_sizes))
+                                         slots.inactive_sizes, sizes[split:]))
         output = torch.zeros_like(hidden_states)
         if outputs:
             out = torch.cat(outputs) if len(outputs) > 1 else outputs[0]  # (n, H)
             weighted = out * top_k_weights[slots.token, slots.slot, None]
             output.index_add_(0, slots.token, weighted.to(output.dtype))
+        return output
+
+    def _runs_sync_free(self, hidden_states: torch.Tensor) -> bool:
+        kind = type(self.experts[0])
+        grouped = hasattr(kind, "grouped_forward") and all(type(e) is kind for e in self.experts)
+        wanted = hidden_states.is_cuda if self.sync_free is None else self.sync_free
+        return wanted and grouped and getattr(kind, "sync_free", True)
+
+    def _sync_free_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                           top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Every routed expert with grad, without a host synchronisation: all experts of the
+        layer in one group whose sizes stay on the device; dropped slots sort last and are
+        masked out (grouped_mm leaves rows past the last offset unwritten)."""
+        token, slot, counts, kept = dispatch_on_device(top_k_index, self.num_experts)
+        # the dropped slots' rows are masked on the way in too: grouped_mm's backward leaves
+        # the input gradient of rows past the last offset unwritten
+        rows = torch.where(kept[:, None], hidden_states[token], 0.0)  # (tokens * k, H)
+        out = type(self.experts[0]).grouped_forward(list(self.experts), rows, counts)
+        weighted = torch.where(kept[:, None], out * top_k_weights[token, slot, None], 0.0)
+        output = torch.zeros_like(hidden_states)
+        output.index_add_(0, token, weighted.to(output.dtype))
         return output
 
     def _deferred_forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -161,42 +196,85 @@ class Slots(NamedTuple):
 def dispatch(top_k_index: torch.Tensor, num_experts: int, active: torch.Tensor | None) -> Slots:
     """Sort the routing slots of ``top_k_index`` (tokens, k) by expert once (dropped slots,
     value ``num_experts``, left out); with ``active`` (S,) bool, the active experts' slots
-    come first. Experts without tokens are in neither group. Host syncs: ``nonzero``, the
-    counts and (when given) ``active``."""
+    come first. Experts without tokens are in neither group. One host synchronisation: the
+    counts and the active set, read back together."""
     flat = top_k_index.reshape(-1)  # (tokens * k,)
-    kept = torch.nonzero(flat < num_experts).reshape(-1)  # (n,) flat slot ids
-    experts = flat[kept]
-    key = experts if active is None else experts + num_experts * (~active[experts]).long()
+    counts = _counts(flat, num_experts)  # (S + 1,)
+    if active is None:
+        active = torch.ones(num_experts, dtype=torch.bool, device=flat.device)
+    # sort key: active experts first, then inactive ones, dropped slots last
+    padded = torch.cat([active, active.new_zeros(1)])  # (S + 1,)
+    key = flat + (num_experts + 1) * (~padded[flat]).long()
+    key = torch.where(flat < num_experts, key, 2 * (num_experts + 1))
     order = torch.sort(key, stable=True).indices
-    kept, experts = kept[order], experts[order]
-    counts = torch.bincount(experts, minlength=num_experts).tolist()  # host sync
-    is_active = [True] * num_experts if active is None else active.tolist()
-    groups = [[e for e in range(num_experts) if counts[e] and is_active[e] == flag]
+    # ONE host synchronisation per layer: the counts and the active set, read together
+    host = torch.cat([counts[:num_experts], active.long()]).tolist()
+    counts_h, is_active = host[:num_experts], host[num_experts:]
+    groups = [[e for e in range(num_experts) if counts_h[e] and bool(is_active[e]) == flag]
               for flag in (True, False)]
+    kept = order[:sum(counts_h)]  # (n,) flat slot ids of routed slots
     k = top_k_index.shape[1]
-    return Slots(kept // k, kept % k, groups[0], [counts[e] for e in groups[0]],
-                 groups[1], [counts[e] for e in groups[1]])
+    return Slots(kept // k, kept % k, groups[0], [counts_h[e] for e in groups[0]],
+                 groups[1], [counts_h[e] for e in groups[1]])
 
 
-def run_group(experts: Sequence[nn.Module], x: torch.Tensor, sizes: Sequence[int]
-              ) -> torch.Tensor:
+def dispatch_on_device(top_k_index: torch.Tensor, num_experts: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`dispatch` for the plain path without a host synchronisation: every slot of
+    ``top_k_index`` (tokens, k) sorted by expert (dropped slots, value ``num_experts``, last).
+    Returns ``token`` (tokens*k,), ``slot`` (tokens*k,), ``counts`` (num_experts,) int64 on
+    the device (the experts' row counts, idle experts 0) and ``kept`` (tokens*k,) bool (the
+    slot belongs to an expert; False for the dropped slots at the end)."""
+    flat = top_k_index.reshape(-1)  # (tokens * k,)
+    order = torch.sort(flat, stable=True).indices
+    counts = _counts(flat, num_experts)[:num_experts]  # (S,)
+    k = top_k_index.shape[1]
+    return order // k, order % k, counts, flat[order] < num_experts
+
+
+def _counts(flat: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Slots per expert, dropped slots (value ``num_experts``) last: (num_experts + 1,) int64.
+    ``index_add_`` into a fixed size: ``bincount`` on CUDA synchronises (measured)."""
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=flat.device)
+    return counts.index_add_(0, flat, torch.ones_like(flat))
+
+
+def host_sizes(sizes: "Sequence[int] | torch.Tensor") -> list[int]:
+    """Group sizes as a host list (a device tensor of counts is read back: one sync)."""
+    return sizes.tolist() if isinstance(sizes, torch.Tensor) else list(sizes)
+
+
+def run_group(experts: Sequence[nn.Module], x: torch.Tensor,
+              sizes: "Sequence[int] | torch.Tensor",
+              device_sizes: torch.Tensor | None = None) -> torch.Tensor:
     """The outputs of ``experts`` on ``x`` (n, H), whose rows are the experts' tokens in order
-    (``sizes[i]`` rows each): the experts' ``grouped_forward`` when they share a class that has
-    one, else one call per expert on its slice. (n, H)."""
+    (``sizes[i]`` rows each; a host list, or a device tensor of counts): the experts'
+    ``grouped_forward`` when they share a class that has one (given ``device_sizes``, the
+    same sizes already on x's device, it takes those), else one call per expert on its
+    slice. (n, H)."""
     kind = type(experts[0])
     if hasattr(kind, "grouped_forward") and all(type(e) is kind for e in experts):
-        return kind.grouped_forward(experts, x, sizes)
-    return torch.cat([expert(part) for expert, part in zip(experts, x.split(list(sizes)))])
+        return kind.grouped_forward(experts, x, sizes if device_sizes is None else device_sizes)
+    return torch.cat([expert(part) for expert, part in zip(experts, x.split(host_sizes(sizes)))])
 
 
-def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor], sizes: Sequence[int]
-                   ) -> torch.Tensor:
+def group_offsets(sizes: "Sequence[int] | torch.Tensor", device: torch.device) -> torch.Tensor:
+    """grouped_mm's ``offs``: the cumulative row counts, (g,) int32 on ``device``."""
+    counts = sizes if isinstance(sizes, torch.Tensor) else torch.tensor(list(sizes), device=device)
+    return counts.cumsum(0).to(torch.int32)
+
+
+def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
+                   sizes: "Sequence[int] | torch.Tensor") -> torch.Tensor:
     """Row block i of ``x`` (n, K) times ``weights[i]`` (N, K) transposed -> (n, N): one
     ``torch.nn.functional.grouped_mm`` over the stacked weights (gradients reach exactly the
-    weights given)."""
+    weights given). Under autocast both run in the autocast dtype (grouped_mm is on no
+    autocast list; bf16 is what it takes on Hopper GPUs)."""
     stacked = torch.stack(list(weights))  # (g, N, K)
-    offsets = torch.tensor(list(sizes), device=x.device).cumsum(0).to(torch.int32)  # (g,)
-    out = torch.nn.functional.grouped_mm(x, stacked.transpose(-2, -1), offs=offsets)  # (n, N)
+    kind = x.device.type
+    dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else stacked.dtype
+    out = torch.nn.functional.grouped_mm(x.to(dtype), stacked.to(dtype).transpose(-2, -1),
+                                         offs=group_offsets(sizes, x.device))  # (n, N)
     if out.requires_grad:  # grouped_mm's backward rejects an expanded (stride-0) gradient
         out.register_hook(torch.Tensor.contiguous)
     return out

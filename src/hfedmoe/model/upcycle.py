@@ -22,7 +22,7 @@ from transformers import BertModel
 from transformers.activations import ACT2FN
 
 from hfedmoe.model.lora import grouped_lora_delta, lora_linear
-from hfedmoe.model.sparse_experts import SparseExperts, grouped_linear
+from hfedmoe.model.sparse_experts import SparseExperts, group_offsets, grouped_linear
 
 
 class DenseActExpert(nn.Module):
@@ -47,13 +47,17 @@ class DenseActExpert(nn.Module):
 
     @staticmethod
     def grouped_forward(experts: Sequence["DenseActExpert"], x: torch.Tensor,
-                        sizes: Sequence[int]) -> torch.Tensor:
+                        sizes: "Sequence[int] | torch.Tensor") -> torch.Tensor:
         """Each expert's forward on its block of rows of ``x`` (n, H), ``sizes[i]`` rows for
         ``experts[i]``, as two grouped matrix products (two more per projection with LoRA
         factors, hfedmoe.model.lora). (n, H)."""
         lora = len(experts[0].lora) > 0
-        counts = torch.tensor(list(sizes), device=x.device)
-        bias = torch.stack([e.up.bias for e in experts]).repeat_interleave(counts, dim=0)  # (n, m)
+        # each row's expert from the group offsets (no host sync); rows past the last offset
+        # (the dropped slots of the sync-free path) take a zero bias, so no gradient
+        rows = torch.arange(x.shape[0], device=x.device)
+        expert_of_row = torch.bucketize(rows, group_offsets(sizes, x.device), right=True)
+        biases = torch.stack([e.up.bias for e in experts])  # (g, m)
+        bias = torch.cat([biases, biases.new_zeros(1, biases.shape[1])])[expert_of_row]  # (n, m)
         hidden = grouped_linear(x, [e.up.weight for e in experts], sizes) + bias  # (n, m)
         if lora:
             hidden = hidden + grouped_lora_delta(x, [e.lora["up"] for e in experts], sizes,
