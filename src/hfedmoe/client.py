@@ -23,6 +23,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Mapping, Sequence
@@ -34,7 +35,7 @@ from hfedmoe.config import RunConfig
 from hfedmoe.costs import client_budget
 from hfedmoe.data import Corpus, client_split
 from hfedmoe.data.partition import partition_indices
-from hfedmoe.data.tokenize import TokenizedSet
+from hfedmoe.data.tokenize import TokenizedSet, batches
 from hfedmoe.fingerprint import corpus_fingerprint
 from hfedmoe.heap import return_freed_memory
 from hfedmoe.model import load_tokenizer
@@ -47,6 +48,9 @@ from hfedmoe.strategies import (
     method_for,
     plan_round,
 )
+from hfedmoe.measurement import AllocatorPeak
+from hfedmoe.split import SplitModel
+from hfedmoe.strategies.ho_sfl import client_answer, split_method
 from hfedmoe.tasks import task_for
 from hfedmoe.training import (
     LocalTrainingResult,
@@ -276,3 +280,45 @@ def _plan(method: Method, config: RunConfig, adapter: MoEAdapter, train: Tokeniz
         return routing_counts(adapter, train, config.train.eval_batch_size)
 
     return plan_round(method, budget, adapter.geometry, seed, probe, personal)
+
+
+# --- split learning (ho-sfl, sfl, zo-sfl; hfedmoe.strategies.ho_sfl) ------------------------
+
+
+@dataclass(frozen=True)
+class SplitAnswer:
+    outputs: dict  # hfedmoe.strategies.ho_sfl.client_answer's
+    attention_mask: torch.Tensor  # (B, T) of the round's batch
+    labels: torch.Tensor  # (B,) or (B, T)
+    peak_memory_bytes: int  # the client part's weights + what the exchange allocated
+    seconds: float  # compute of this exchange
+    num_examples: int  # |D_c|, the client's training examples (the batch is drawn from them)
+
+
+def run_split_exchange(config: RunConfig, partition_id: int, server_round: int, phase: str,
+                       client_part: Mapping[str, torch.Tensor], seeds: Sequence[int] = (),
+                       cut_gradient: torch.Tensor | None = None,
+                       resources: ClientResources | None = None) -> SplitAnswer:
+    """One split-learning exchange of this client in ``server_round``: theta_c
+    (``client_part``) loaded into the client part, the round's ONE mini-batch (drawn from the
+    client's round seed, so both exchanges of a round see the same batch), and the phase's
+    answer. Raises ValueError if ``client_part`` is not exactly theta_c's keys."""
+    resources = resources or ClientResources()
+    data = resources.data(config, partition_id)
+    adapter = resources.model(config, data.num_labels)
+    params = set_trainable(adapter, config.model.trainable_non_expert)
+    method = split_method(config)
+    split = SplitModel(adapter, method.split_layer, params)
+    if set(client_part) != set(split.client_keys):
+        raise ValueError("the client part sent does not match this model's theta_c")
+    write_state({k: params[k] for k in split.client_keys}, client_part)
+    generator = torch.Generator().manual_seed(round_seed(config.seed, server_round,
+                                                         partition_id))
+    batch = next(batches(data.train, config.train.batch_size, generator))
+    device = next(adapter.model.parameters()).device
+    batch = {k: v.to(device) for k, v in batch.items()}
+    start = time.perf_counter()
+    with AllocatorPeak(device, split.client_weight_bytes()) as meter:
+        outputs = client_answer(method, split, phase, batch, seeds, cut_gradient)
+    return SplitAnswer(outputs, batch["attention_mask"].cpu(), batch["labels"].cpu(),
+                       meter.peak_bytes, time.perf_counter() - start, len(data.train))

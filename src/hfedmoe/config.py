@@ -29,6 +29,8 @@ METHODS = ("hfedmoe", "fedavg", "fedavg-full", "fedavg-drop", "random-subset", "
            "hfedmoe-no-ib", "hfedmoe-fedavg-agg", "hfedmoe-uniform-gate", "hfedmoe-data-share",
            *(f"{base}{ablation}" for base in ("fedalign", "hfedmoe-align")
              for ablation in ("", "-no-gate", "-no-reg", "-no-consistency")))
+SPLIT_METHODS = ("ho-sfl", "sfl", "zo-sfl")  # split learning (hfedmoe.strategies.ho_sfl)
+METHODS = METHODS + SPLIT_METHODS
 ALIGNING_METHODS = tuple(m for m in METHODS if "align" in m)  # hfedmoe.strategies.fedalign
 DIVERGENCES = ("kl", "js")  # hfedmoe.alignment.routing_divergence
 TASKS = ("classification", "causal-lm")  # hfedmoe.tasks
@@ -326,6 +328,26 @@ class FedAlignConfig:
 
 
 @dataclass(frozen=True)
+class HOSFLConfig:
+    """Split learning (methods ho-sfl, sfl, zo-sfl; hfedmoe.strategies.ho_sfl)."""
+
+    split_layer: int  # transformer blocks on the client (with the embeddings)
+    directions: int  # P: zeroth-order directions per round (ho-sfl, zo-sfl)
+    mu: float  # perturbation scale of the directions
+    client_lr: float  # AdamW learning rate of the client part (0: train.lr)
+
+    def __post_init__(self) -> None:
+        _require(self.split_layer >= 1, "ho-sfl.split-layer", self.split_layer,
+                 "an integer >= 1 (blocks on the client)")
+        _require(1 <= self.directions <= 1024, "ho-sfl.directions", self.directions,
+                 "an integer in [1, 1024]")
+        _require(0 < self.mu <= 1 and math.isfinite(self.mu), "ho-sfl.mu", self.mu,
+                 "a number in (0, 1]")
+        _require(self.client_lr >= 0 and math.isfinite(self.client_lr), "ho-sfl.client-lr",
+                 self.client_lr, "a finite number >= 0 (0: train.lr)")
+
+
+@dataclass(frozen=True)
 class SimulationConfig:
     runtime: str
     client_cpus: int
@@ -442,6 +464,7 @@ class RunConfig:
     budget: BudgetConfig
     hfedmoe: HFedMoEConfig
     fedalign: FedAlignConfig
+    ho_sfl: HOSFLConfig
     simulation: SimulationConfig
     federation: FederationConfig
     robust: RobustConfig
@@ -467,6 +490,15 @@ class RunConfig:
                  f"'mean' or 'clip' with method '{self.method}' (its gate weights differ per "
                  "router row and its expert holders depend on the updates: no per-key weights "
                  "for a trimmed mean)")
+        split = self.method in SPLIT_METHODS
+        _require(not split or self.robust.aggregation == "mean", "robust.aggregation",
+                 self.robust.aggregation, f"'mean' with method '{self.method}' (split learning "
+                 "averages scalars or gradients, not uploaded models)")
+        _require(not split or not self.checkpoint.resume, "checkpoint.resume",
+                 self.checkpoint.resume, f"False with method '{self.method}' (its optimizer "
+                 "states are not in checkpoints yet)")
+        _require(not split or not self.faults.attacker_ids, "faults.attackers",
+                 self.faults.attackers, f"none with method '{self.method}'")
         _require(all(i < self.data.num_clients for i in self.faults.attacker_ids),
                  "faults.attackers", self.faults.attackers,
                  f"client ids below data.num-clients = {self.data.num_clients}")
@@ -483,7 +515,7 @@ class RunConfig:
             value = getattr(self, field.name)
             if dataclasses.is_dataclass(value):
                 for sub in dataclasses.fields(value):
-                    flat[f"{field.name}.{_key(sub.name)}"] = getattr(value, sub.name)
+                    flat[f"{_key(field.name)}.{_key(sub.name)}"] = getattr(value, sub.name)
             else:
                 flat[_key(field.name)] = value
         return flat
@@ -491,7 +523,7 @@ class RunConfig:
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig,
              "lora": LoRAConfig, "budget": BudgetConfig, "hfedmoe": HFedMoEConfig, "fedalign": FedAlignConfig,
-             "simulation": SimulationConfig,
+             "ho_sfl": HOSFLConfig, "simulation": SimulationConfig,
              "federation": FederationConfig, "robust": RobustConfig, "faults": FaultsConfig,
              "checkpoint": CheckpointConfig, "generate": GenerateConfig}
 
@@ -500,7 +532,8 @@ def parse_run_config(*layers: Mapping[str, Scalar]) -> RunConfig:
     """Defaults overlaid with ``layers`` (later wins) -> validated :class:`RunConfig`."""
     flat = merge_flat(default_flat_config(), *layers)
     sections = {
-        name: cls(**{f.name: flat[f"{name}.{_key(f.name)}"] for f in dataclasses.fields(cls)})
+        name: cls(**{f.name: flat[f"{_key(name)}.{_key(f.name)}"]
+                     for f in dataclasses.fields(cls)})
         for name, cls in _SECTIONS.items()
     }
     top = {f.name: flat[_key(f.name)] for f in dataclasses.fields(RunConfig) if f.name not in _SECTIONS}

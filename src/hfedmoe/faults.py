@@ -7,7 +7,9 @@ Run inside the ClientApp (hfedmoe.federation.client_app), around an honest clien
   (``random.Random("<seed>/fault/<round>")``, not crc32: crc32 is affine, so the ranks of
   similar strings are strongly correlated and the same clients would fail round after round),
   so every process agrees without talking and a test knows the failing set in advance
-  (:func:`failing_clients`). Of a sampled subset, the failing share is r on average.
+  (:func:`failing_clients`). Of a sampled subset, the failing share is r on average. Under
+  split learning (ho-sfl, sfl) a failing client fails in the round's second exchange, after
+  it sent its activations: the drop between the two exchanges (zo-sfl has one exchange).
   ``faults.failure-mode``: ``raise`` - the ClientApp raises before training (Flower turns it
   into an error reply); ``hang`` - it sleeps ``federation.round-timeout`` + 2 s, then trains
   and replies normally: the server must count it as timed out.

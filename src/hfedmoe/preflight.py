@@ -16,7 +16,7 @@ from typing import Any
 
 from hfedmoe.calibration import Calibration, CalibrationError, load_calibration
 from hfedmoe.client import build_model, load_usable_corpus
-from hfedmoe.config import ConfigError, RunConfig
+from hfedmoe.config import SPLIT_METHODS, ConfigError, RunConfig
 from hfedmoe.costs import client_budget
 from hfedmoe.data import Corpus, client_split_sizes
 from hfedmoe.data.tokenize import TokenizedSet
@@ -58,7 +58,10 @@ def prepare_run(config: RunConfig) -> PreparedRun:
         inputs["calibration"] = hashlib.sha256(calibration.to_json().encode()).hexdigest()
     budgets = [_budget(config, adapter, client_id, calibration)
                for client_id in range(config.data.num_clients)]
-    check_someone_trains(config, adapter, budgets)
+    if config.method in SPLIT_METHODS:
+        check_split(config, adapter)
+    else:
+        check_someone_trains(config, adapter, budgets)
     return PreparedRun(corpus, test_set, adapter, sizes, budgets, inputs, calibration, tokenizer)
 
 
@@ -88,6 +91,20 @@ def _budget(config: RunConfig, adapter: MoEAdapter, client_id: int,
     except ValueError as exc:
         raise ConfigError(f"config key 'budget.experts' = {config.budget.experts!r}: "
                           f"client {client_id}: {exc}") from None
+
+
+def check_split(config: RunConfig, adapter: MoEAdapter) -> None:
+    """Raise ConfigError when ``ho-sfl.split-layer`` does not cut this model so that the
+    client part has something to learn (hfedmoe.split.SplitModel)."""
+    from hfedmoe.model.state import trainable_parameters
+    from hfedmoe.split import SplitModel
+
+    try:
+        SplitModel(adapter, config.ho_sfl.split_layer,
+                   trainable_parameters(adapter, config.model.trainable_non_expert))
+    except ValueError as exc:
+        raise ConfigError(f"config key 'ho-sfl.split-layer' = {config.ho_sfl.split_layer}: "
+                          f"{exc}") from None
 
 
 def check_someone_trains(config: RunConfig, adapter: MoEAdapter, budgets: list[int]) -> None:

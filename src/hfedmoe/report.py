@@ -222,6 +222,11 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
         "train_loss_by_round": _by_round(by_round, last, "train_loss"),
         "round_seconds_by_round": _by_round(by_round, last, "round_seconds"),
         "bytes_up": sum(rec["bytes_up"] for rec in by_round.values()),
+        # split learning: activations vs model-update traffic (other methods: updates only)
+        "bytes_up_activations": sum(rec.get("bytes_up_activations", 0)
+                                    for rec in by_round.values()),
+        "bytes_up_updates": sum(rec.get("bytes_up_updates", rec["bytes_up"])
+                                for rec in by_round.values()),
         "bytes_down": sum(rec["bytes_down"] for rec in by_round.values()),
         "wall_seconds": float(wall_seconds),
         "failures": [{"round": r, "client_id": f["client_id"], "reason": f["reason"]}

@@ -99,6 +99,22 @@ class SplitModel:
                              "the client part would have nothing to learn")
 
     @property
+    def hidden_size(self) -> int:
+        """H of the cut-layer activations (the model config's ``hidden_size``)."""
+        model = self.adapter.model
+        inner = getattr(model, "hf_model", None) or model.backbone
+        return int(inner.config.hidden_size)
+
+    def client_weight_bytes(self) -> int:
+        """Bytes of the client part's weights: the blocks below the cut and the embeddings
+        (parameters named ``*embed*`` outside the blocks), trainable or not."""
+        blocks = {id(p) for block in self.blocks for p in block.parameters()}
+        bottom = [p for block in self.blocks[:self.split_layer] for p in block.parameters()]
+        embeddings = [p for name, p in self.adapter.model.named_parameters()
+                      if id(p) not in blocks and "embed" in name]
+        return sum(p.numel() * p.element_size() for p in bottom + embeddings)
+
+    @property
     def client_parameters(self) -> list[nn.Parameter]:
         return [self.trainable[k] for k in self.client_keys]
 
@@ -110,18 +126,19 @@ class SplitModel:
     def cut(self) -> nn.Module:
         return self.blocks[self.split_layer - 1]
 
-    @torch.no_grad()
-    def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-                       ) -> torch.Tensor:
-        """z = f_c(x; theta_c): the cut layer's hidden states (B, T, H), float32, computed
-        without gradients and without running the blocks above the cut."""
+    def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       grad: bool = False) -> torch.Tensor:
+        """z = f_c(x; theta_c): the cut layer's hidden states (B, T, H), float32, without
+        running the blocks above the cut; without gradients unless ``grad`` (first-order
+        split learning, sfl: the caller back-propagates lambda through it)."""
 
         def stop(_module, _inputs, output):
             raise _CutReached(_hidden_of(output))
 
         handle = self.cut.register_forward_hook(stop)
         try:
-            self.adapter.model(input_ids, attention_mask)
+            with torch.set_grad_enabled(grad):
+                self.adapter.model(input_ids, attention_mask)
         except _CutReached as reached:
             return reached.hidden.float()
         finally:
@@ -192,20 +209,27 @@ def zo_scalars(forward: Callable[[], torch.Tensor], params: Sequence[nn.Paramete
         raise ValueError(f"need mu > 0 and at least one seed, got mu={mu}, {len(seeds)} seeds")
     base = forward().double()
     lam = cut_gradient.double()
+    return [float((lam * (forward().double() - base)).sum())
+            for _ in perturbed(params, seeds, mu)]
+
+
+@torch.no_grad()
+def perturbed(params: Sequence[nn.Parameter], seeds: Sequence[int], mu: float
+              ) -> Iterator[int]:
+    """For each seed in turn: ``params`` moved to theta + mu u_seed, the seed yielded, and
+    ``params`` restored bit for bit (also when the caller stops early or raises)."""
     saved = [p.detach().clone() for p in params]
     shapes = [p.shape for p in params]
-    scalars = []
     try:
         for seed in seeds:
             for param, u in zip(params, gaussian_directions(seed, shapes)):
                 param.add_(u.to(param.device, param.dtype), alpha=mu)
-            scalars.append(float((lam * (forward().double() - base)).sum()))
+            yield seed
             for param, value in zip(params, saved):
                 param.copy_(value)
     finally:
         for param, value in zip(params, saved):
             param.copy_(value)
-    return scalars
 
 
 def mean_scalars(per_client: Sequence[Sequence[float]]) -> list[float]:

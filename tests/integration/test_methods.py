@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hfedmoe.aggregation import ClientUpdate
-from hfedmoe.config import METHODS, load_config_file, parse_run_config
+from hfedmoe.config import METHODS, SPLIT_METHODS, load_config_file, parse_run_config
 from hfedmoe.report import read_metrics
 from hfedmoe.runner import run_experiment
 from hfedmoe.strategies import method_for
@@ -36,6 +36,8 @@ def test_every_method_runs_two_rounds(tmp_path, method):
         records = read_metrics(tmp_path / method)[1:]
         assert all([c["local_steps"] for c in r["clients"]] == [0, 0, 2] for r in records)
         assert all(c["uploaded_tensors"] == 0 for r in records for c in r["clients"][:2])
+    elif method in SPLIT_METHODS:  # budgets do not apply: the client part's 8 experts move
+        assert [c["max_active_experts_per_batch"] for c in clients] == [8, 8, 8]
     elif method == "flex":  # one personal expert per MoE layer (2 layers), within budget
         assert [c["max_active_experts_per_batch"] for c in clients] == [2, 2, 2]
     elif not ignores_budgets:

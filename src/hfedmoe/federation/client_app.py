@@ -9,7 +9,8 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
 from hfedmoe import faults
-from hfedmoe.client import evaluate_client, process_resources, run_client_round
+from hfedmoe.client import (evaluate_client, process_resources, run_client_round,
+                            run_split_exchange)
 from hfedmoe.config import RunConfig, parse_run_config
 from hfedmoe.measurement import process_memory
 from hfedmoe.federation import records
@@ -55,6 +56,8 @@ def make_client_app() -> ClientApp:
 
     @client_app.train()
     def train(msg: Message, context: Context) -> Message:
+        if records.is_split_instruction(msg.content):
+            return split_exchange(msg, context)
         instruction = records.parse_train_instruction(msg.content)
         config = parse_run_config(instruction.run_config)
         partition_id = node_partition(context, config)
@@ -73,6 +76,40 @@ def make_client_app() -> ClientApp:
                                         instruction.global_state)  # testing only
         content = records.train_reply(partition_id, outcome.budget_experts, upload,
                                       outcome.result, process_memory())
+        return Message(content, reply_to=msg)
+
+    def split_exchange(msg: Message, context: Context) -> Message:
+        """One exchange of a split-learning round (records: split learning). theta_c of the
+        round's first exchange stays in the node state for the second."""
+        instruction = records.parse_split_instruction(msg.content)
+        config = parse_run_config(instruction.run_config)
+        partition_id = node_partition(context, config)
+        torch.set_num_threads(config.simulation.client_cpus)
+        last = instruction.phase in ("zo", "gradient", "perturbed")  # the round's last exchange
+        if last:  # testing only: a failing client drops after sending its activations
+            faults.inject_failure(config, partition_id, instruction.server_round)
+        if instruction.client_part is not None:
+            client_part = instruction.client_part
+            records.store_split_state(context.state, instruction.server_round,
+                                      msg.content.array_records[records.CLIENT_PART])
+        else:
+            client_part = records.split_state(context.state, instruction.server_round)
+        answer = run_split_exchange(config, partition_id, instruction.server_round,
+                                    instruction.phase, client_part, instruction.seeds,
+                                    instruction.cut_gradient, process_resources())
+        outputs = answer.outputs
+        metrics = records.split_metrics(partition_id, answer.num_examples,
+                                        int(answer.attention_mask.shape[0]),
+                                        answer.peak_memory_bytes, answer.seconds,
+                                        process_memory())
+        if "scalars" in outputs:
+            content = records.scalars_reply(outputs["scalars"], metrics)
+        elif "gradient" in outputs:
+            content = records.gradient_reply(outputs["gradient"], metrics)
+        else:
+            content = records.activations_reply(outputs["z"], answer.attention_mask,
+                                                answer.labels, metrics,
+                                                outputs.get("perturbed", ()))
         return Message(content, reply_to=msg)
 
     @client_app.evaluate()

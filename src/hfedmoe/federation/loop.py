@@ -54,13 +54,7 @@ def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, first_rou
         evaluate_fn(0, arrays)
     for server_round in range(first_round, num_rounds + 1):
         for attempt in range(1, policy.attempts + 1):
-            replies = grid.send_and_receive(
-                strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
-                timeout=policy.round_timeout)
-            aggregated, _ = strategy.aggregate_train(server_round, replies)
-            # replies is a generator (ProgressGrid): aggregate_train folded each upload in as
-            # it arrived and dropped it (streaming aggregation, docs/architecture.md)
-            del replies
+            aggregated = train_once(strategy, grid, arrays, server_round, policy)
             return_freed_memory()  # the uploads folded in and dropped (hfedmoe.heap)
             if aggregated is not None:
                 arrays = aggregated
@@ -77,3 +71,23 @@ def run_rounds(strategy: Strategy, grid: Grid, arrays: ArrayRecord, *, first_rou
         after_round(server_round, arrays)
         return_freed_memory()
     return arrays
+
+
+def train_once(strategy: Strategy, grid: Grid, arrays: ArrayRecord, server_round: int,
+               policy: RoundPolicy) -> ArrayRecord | None:
+    """One attempt at a round's training: the new global arrays, or None (too few replies).
+
+    A strategy with ``train_round(server_round, arrays, grid, timeout)`` runs its own
+    exchanges (split learning: two per round, hfedmoe.federation.split_strategy); any other
+    gets Flower's one: ``configure_train``, the replies, ``aggregate_train``."""
+    custom = getattr(strategy, "train_round", None)
+    if custom is not None:
+        return custom(server_round, arrays, grid, policy.round_timeout)
+    replies = grid.send_and_receive(
+        strategy.configure_train(server_round, arrays, ConfigRecord(), grid),
+        timeout=policy.round_timeout)
+    aggregated, _ = strategy.aggregate_train(server_round, replies)
+    # replies is a generator (ProgressGrid): aggregate_train folded each upload in as it
+    # arrived and dropped it (streaming aggregation, docs/architecture.md)
+    del replies
+    return aggregated

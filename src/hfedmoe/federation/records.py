@@ -42,6 +42,27 @@ drawn over client ids, so that it is the same in every run of a configuration):
 Identity reply (node -> server):
   ``"identity"`` MetricRecord - ``client-id`` (the node's partition id)
 
+Split learning (methods ho-sfl, sfl, zo-sfl; hfedmoe.strategies.ho_sfl), message type
+``train``, two exchanges per round (zo-sfl: the first only):
+  instruction ``"plan"`` ConfigRecord - ``server-round``, ``run-config``, ``phase``
+                               (``forward`` | ``perturbed`` | ``zo`` | ``gradient``),
+                               ``seeds`` (the round's P direction seeds; perturbed, zo)
+  instruction ``"client-part"`` ArrayRecord - theta_c, the client part's trainable tensors
+                               (forward, perturbed)
+  instruction ``"cut-gradient"`` ArrayRecord - ``lambda`` (B, T, H): dL/dz of this client's
+                               batch (zo, gradient)
+  reply ``"activations"`` ArrayRecord - ``z`` (B, T, H) cut-layer activations (perturbed: also
+                               ``z.<p>`` at theta_c + mu u_p), ``attention-mask`` (B, T),
+                               ``labels`` (B,) class ids or (B, T) token ids (-100 = ignored)
+  reply ``"scalars"`` MetricRecord - ``values``: the P zeroth-order scalars v_p (zo)
+  reply ``"update"`` ArrayRecord - the client part's gradient, flat keys (gradient)
+  reply ``"metrics"`` MetricRecord - ``client-id``, ``num-examples`` (|D_c|),
+                               ``batch-examples`` (B, the round's one batch),
+                               ``peak-memory-bytes``, ``mean-step-seconds`` (the client's
+                               compute this exchange), and the process memory keys
+Node state: ``"split-client"`` ArrayRecord - theta_c of the first exchange, kept for the
+second (never sent).
+
 Node state (``context.state``, kept by the node across rounds, never sent):
   ``"personal"`` ArrayRecord  - the client's personal tensors (flat keys; methods with a
                                personal part, e.g. flex), absent before its first round
@@ -57,7 +78,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -71,6 +92,10 @@ from hfedmoe.validation import check_tensors
 
 GLOBAL, PLAN, UPDATE, METRICS, ROUTING = "global", "plan", "update", "metrics", "routing"
 GUIDANCE = "guidance"
+CLIENT_PART, CUT_GRADIENT, ACTIVATIONS, SCALARS = ("client-part", "cut-gradient", "activations",
+                                                   "scalars")
+SPLIT_STATE = "split-client"
+SPLIT_PHASES = ("forward", "perturbed", "zo", "gradient")
 EVALUATION, PERSONAL, IDENTITY = "evaluation", "personal", "identity"
 EVALUATE_METRIC_KEYS = ("client-id", "num-examples", "accuracy", "loss")
 REPLY_METRIC_KEYS = ("num-examples", "client-id", "train-loss", "budget-experts",
@@ -316,3 +341,176 @@ def store_personal_state(node_state: RecordDict, personal: Mapping[str, torch.Te
         node_state[PERSONAL] = to_array_record(personal)
     elif PERSONAL in node_state.array_records:
         del node_state[PERSONAL]
+
+
+# --- split learning (ho-sfl, sfl, zo-sfl) ------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SplitInstruction:
+    server_round: int
+    run_config: dict
+    phase: str  # SPLIT_PHASES
+    seeds: tuple[int, ...]  # the round's direction seeds (perturbed, zo)
+    client_part: Mapping[str, torch.Tensor] | None  # theta_c (forward, perturbed)
+    cut_gradient: torch.Tensor | None  # lambda (B, T, H) (zo, gradient)
+
+
+def is_split_instruction(content: RecordDict) -> bool:
+    plan = content.config_records.get(PLAN)
+    return plan is not None and "phase" in plan
+
+
+def split_instruction(server_round: int, flat_config: Mapping, phase: str,
+                      client_part: ArrayRecord | None = None,
+                      cut_gradient: torch.Tensor | None = None,
+                      seeds: Sequence[int] = ()) -> RecordDict:
+    if phase not in SPLIT_PHASES:
+        raise ValueError(f"unknown split phase {phase!r}")
+    content = RecordDict({PLAN: ConfigRecord({
+        "server-round": server_round,
+        "run-config": json.dumps(dict(flat_config), sort_keys=True),
+        "phase": phase, "seeds": [int(s) for s in seeds]})})
+    if client_part is not None:
+        content[CLIENT_PART] = client_part
+    if cut_gradient is not None:
+        content[CUT_GRADIENT] = to_array_record({"lambda": cut_gradient})
+    return content
+
+
+def parse_split_instruction(content: RecordDict) -> SplitInstruction:
+    plan = content.config_records[PLAN]
+    phase = str(plan["phase"])
+    if phase not in SPLIT_PHASES:
+        raise ValueError(f"unknown split phase {phase!r}")
+    gradient = (from_array_record(content.array_records[CUT_GRADIENT])["lambda"]
+                if CUT_GRADIENT in content.array_records else None)
+    return SplitInstruction(
+        server_round=int(plan["server-round"]),
+        run_config=json.loads(str(plan["run-config"])),
+        phase=phase, seeds=tuple(int(s) for s in plan.get("seeds", [])),
+        client_part=(ArrayState(content.array_records[CLIENT_PART])
+                     if CLIENT_PART in content.array_records else None),
+        cut_gradient=gradient)
+
+
+def split_metrics(client_id: int, num_examples: int, batch_examples: int,
+                  peak_memory_bytes: int, seconds: float,
+                  process: ProcessMemory | None = None) -> MetricRecord:
+    return MetricRecord({
+        "client-id": client_id, "num-examples": num_examples, "batch-examples": batch_examples,
+        "peak-memory-bytes": int(peak_memory_bytes), "mean-step-seconds": float(seconds),
+        **({"process-resident-bytes": process.resident_bytes,
+            "process-peak-resident-bytes": process.peak_resident_bytes}
+           if process is not None else {})})
+
+
+@dataclass(frozen=True)
+class SplitReply:
+    client_id: int
+    num_examples: int
+    metrics: dict[str, float]
+    z: torch.Tensor | None = None  # (B, T, H) (forward, perturbed)
+    perturbed: tuple[torch.Tensor, ...] = ()  # P x (B, T, H) (perturbed)
+    attention_mask: torch.Tensor | None = None  # (B, T)
+    labels: torch.Tensor | None = None  # (B,) or (B, T)
+    scalars: tuple[float, ...] = ()  # (zo)
+    gradient: dict[str, torch.Tensor] = field(default_factory=dict)  # (gradient)
+    bytes_up: int = 0
+
+
+def store_split_state(node_state: RecordDict, server_round: int, client_part: ArrayRecord
+                      ) -> None:
+    """Keep the round's theta_c in the node state for the round's second exchange."""
+    node_state[SPLIT_STATE] = client_part
+    node_state[SPLIT_STATE + "-round"] = ConfigRecord({"server-round": server_round})
+
+
+def split_state(node_state: RecordDict, server_round: int) -> ArrayState:
+    """theta_c kept by this round's first exchange; raises ValueError when the node holds
+    none of this round (its first exchange did not reach it)."""
+    kept = node_state.config_records.get(SPLIT_STATE + "-round")
+    if kept is None or int(kept["server-round"]) != server_round or \
+            SPLIT_STATE not in node_state.array_records:
+        raise ValueError(f"no client part of round {server_round} on this node")
+    return ArrayState(node_state.array_records[SPLIT_STATE])
+
+
+def activations_reply(z: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor, metrics: MetricRecord,
+                      perturbed: Sequence[torch.Tensor] = ()) -> RecordDict:
+    arrays = {"z": z, "attention-mask": attention_mask, "labels": labels,
+              **{f"z.{p}": value for p, value in enumerate(perturbed)}}
+    return RecordDict({ACTIVATIONS: to_array_record(arrays), METRICS: metrics})
+
+
+def scalars_reply(scalars: Sequence[float], metrics: MetricRecord) -> RecordDict:
+    return RecordDict({SCALARS: MetricRecord({"values": [float(v) for v in scalars]}),
+                       METRICS: metrics})
+
+
+def gradient_reply(gradient: Mapping[str, torch.Tensor], metrics: MetricRecord) -> RecordDict:
+    return RecordDict({UPDATE: to_array_record(gradient), METRICS: metrics})
+
+
+def parse_split_reply(content: RecordDict, phase: str, hidden_size: int, max_length: int,
+                      directions: int) -> SplitReply:
+    """Decode and check one split-learning reply of ``phase``; raises ValueError naming the
+    problem: a missing record or key, a wrong shape (z must be (B, T, hidden_size) with
+    T <= max_length, the mask (B, T) of 0/1, labels (B,) or (B, T) of integers), a
+    non-finite value, a wrong number of scalars or perturbed activations."""
+    if METRICS not in content.metric_records:
+        raise ValueError(f"reply lacks the '{METRICS}' record")
+    metrics = content.metric_records[METRICS]
+    for key in ("client-id", "num-examples"):
+        if key not in metrics:
+            raise ValueError(f"reply metrics lack {key}")
+    base = dict(client_id=_integer(metrics, "client-id"),
+                num_examples=_integer(metrics, "num-examples"),
+                metrics={k: float(v) for k, v in metrics.items()
+                         if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if phase in ("forward", "perturbed"):
+        if ACTIVATIONS not in content.array_records:
+            raise ValueError(f"reply lacks the '{ACTIVATIONS}' record")
+        record = content.array_records[ACTIVATIONS]
+        arrays = from_array_record(record)
+        for key in ("z", "attention-mask", "labels"):
+            if key not in arrays:
+                raise ValueError(f"activations lack '{key}'")
+        z, mask, labels = arrays["z"], arrays["attention-mask"], arrays["labels"]
+        if z.dim() != 3 or z.shape[2] != hidden_size or not 1 <= z.shape[1] <= max_length:
+            raise ValueError(f"z has shape {tuple(z.shape)}, expected (B, T <= {max_length}, "
+                             f"{hidden_size})")
+        if tuple(mask.shape) != tuple(z.shape[:2]) or not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError(f"attention-mask must be (B, T) = {tuple(z.shape[:2])} of 0/1")
+        if labels.dim() not in (1, 2) or labels.shape[0] != z.shape[0] or (
+                labels.dim() == 2 and labels.shape[1] != z.shape[1]):
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected (B,) or (B, T)")
+        if not bool(torch.isfinite(labels).all()) or not bool((labels == labels.round()).all()):
+            raise ValueError("labels are not integers")
+        perturbed = tuple(arrays[f"z.{p}"] for p in range(directions) if f"z.{p}" in arrays)
+        if phase == "perturbed" and len(perturbed) != directions:
+            raise ValueError(f"{len(perturbed)} perturbed activations, expected {directions}")
+        for name, value in (("z", z), *((f"z.{p}", v) for p, v in enumerate(perturbed))):
+            if value.shape != z.shape or not bool(torch.isfinite(value).all()):
+                raise ValueError(f"'{name}' is not finite or not shaped like z")
+        if metrics.get("batch-examples") != z.shape[0]:
+            raise ValueError(f"batch-examples {metrics.get('batch-examples')} != the batch of "
+                             f"z, {z.shape[0]}")
+        return SplitReply(**base, z=z, perturbed=perturbed, attention_mask=mask.long(),
+                          labels=labels.long(), bytes_up=record_bytes(record))
+    if phase == "zo":
+        if SCALARS not in content.metric_records or "values" not in \
+                content.metric_records[SCALARS]:
+            raise ValueError(f"reply lacks '{SCALARS}' / 'values'")
+        values = [float(v) for v in content.metric_records[SCALARS]["values"]]
+        if len(values) != directions or not all(math.isfinite(v) for v in values):
+            raise ValueError(f"expected {directions} finite scalars, got {values}")
+        return SplitReply(**base, scalars=tuple(values), bytes_up=8 * len(values))
+    if phase == "gradient":
+        if UPDATE not in content.array_records:
+            raise ValueError(f"reply lacks the '{UPDATE}' record")
+        record = content.array_records[UPDATE]
+        return SplitReply(**base, gradient=from_array_record(record),
+                          bytes_up=record_bytes(record))
+    raise ValueError(f"unknown split phase {phase!r}")

@@ -108,6 +108,8 @@ class RoundBook:
                 # bytes_* of the attempt just done already include the attempts before it
                 "earlier_bytes_up": done.get("bytes_up", done.get("earlier_bytes_up", 0)),
                 "earlier_bytes_down": done.get("bytes_down", done.get("earlier_bytes_down", 0)),
+                "earlier_bytes_up_activations": done.get(
+                    "bytes_up_activations", done.get("earlier_bytes_up_activations", 0)),
             }
             return
         self._round_start = time.perf_counter()
@@ -129,17 +131,24 @@ class RoundBook:
         weights = sum(u.num_examples for u in trained)
         train_loss = (sum(u.metrics["train-loss"] * u.num_examples for u in trained) / weights
                       if weights else None)
+        bytes_up = sum(up for up, _ in traffic.values()) + self._pending.get("earlier_bytes_up", 0)
+        # split learning reports its activations apart (its diagnostics); every other method
+        # uploads model updates only
+        activations = diagnostics.get("bytes_up_activations", 0) + self._pending.get(
+            "earlier_bytes_up_activations", 0)
         self._pending.update({
             "train_loss": train_loss,
             # every attempt of the round (retries included); clients[*] are the last attempt's
-            "bytes_up": (sum(up for up, _ in traffic.values())
-                         + self._pending.get("earlier_bytes_up", 0)),
+            "bytes_up": bytes_up,
+            "bytes_up_activations": activations,
+            "bytes_up_updates": bytes_up - activations,
             "bytes_down": bytes_down + self._pending.get("earlier_bytes_down", 0),
             "bytes_down_train": bytes_down + self._pending.get("earlier_bytes_down", 0),
             "clients": sorted((client_entry(u, *traffic[u.client_id],
                                             per_client.get(u.client_id))
                                for u in updates), key=lambda c: c["client_id"]),
-            **{k: v for k, v in diagnostics.items() if k != "clients"},
+            **{k: v for k, v in diagnostics.items()
+               if k not in ("clients", "bytes_up_activations", "bytes_up_updates")},
             "failures": failures,
             "aggregated": aggregated,
             # seconds from the round's start (first attempt) until its training replies were
@@ -173,6 +182,8 @@ class RoundBook:
             **dict(metrics or {}),
             "train_loss": None,
             "bytes_up": 0,
+            "bytes_up_activations": 0,
+            "bytes_up_updates": 0,
             "bytes_down": 0,
             "bytes_down_train": 0,
             "bytes_down_evaluate": 0,

@@ -18,11 +18,12 @@ from flwr.app import Context, Message, MessageType, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from hfedmoe import checkpoint as ckpt
-from hfedmoe.config import ConfigError, RunConfig, parse_run_config
+from hfedmoe.config import SPLIT_METHODS, ConfigError, RunConfig, parse_run_config
 from hfedmoe.federation import records
 from hfedmoe.federation.grids import ProgressGrid
 from hfedmoe.federation.loop import RoundPolicy, run_rounds
 from hfedmoe.federation.rounds import RoundBook
+from hfedmoe.federation.split_strategy import SplitStrategy
 from hfedmoe.federation.strategy import PlannedStrategy, sample_size
 from hfedmoe.fingerprint import first_difference
 from hfedmoe.model.state import read_state, set_trainable, write_state
@@ -30,7 +31,9 @@ from hfedmoe.preflight import PreparedRun, prepare_run
 from hfedmoe.progress import ProgressDisplay
 from hfedmoe.report import RunRecorder, nothing_learned_reason
 from hfedmoe.run_dir import set_aside_earlier_run
+from hfedmoe.split import SplitModel
 from hfedmoe.strategies import method_for
+from hfedmoe.strategies.ho_sfl import SplitServer, split_method
 from hfedmoe.tasks import task_for
 
 FINAL_MODEL_DIR = "final-model"  # <out>/final-model: the model users load (README)
@@ -107,12 +110,18 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
                       sample_size(config.train.fraction_train, clients))
         book = RoundBook(recorder, display)
         book.resume_after(earlier_seconds)
-        strategy = PlannedStrategy(config, method_for(config), adapter.geometry, book,
-                                   client_sizes=client_sizes, lineage=lineage,
-                                   calibration=calibration,
-                                   guidance=ckpt.tensors_from_json(
-                                       resumed.strategy_state.get("guidance", {}))
-                                   if resumed else None)
+        if config.method in SPLIT_METHODS:  # split learning: its own round of two exchanges
+            server = split_server(config, adapter, params, task.loss)
+            strategy = SplitStrategy(config, server.method, adapter.geometry, book,
+                                     client_sizes=client_sizes, lineage=lineage,
+                                     server=server, params=params)
+        else:
+            strategy = PlannedStrategy(config, method_for(config), adapter.geometry, book,
+                                       client_sizes=client_sizes, lineage=lineage,
+                                       calibration=calibration,
+                                       guidance=ckpt.tensors_from_json(
+                                           resumed.strategy_state.get("guidance", {}))
+                                       if resumed else None)
 
         def evaluate_global(server_round: int, arrays) -> MetricRecord:
             write_state(params, records.from_array_record(arrays))
@@ -155,6 +164,14 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
     task.export(adapter, prepared.tokenizer, Path(config.out) / FINAL_MODEL_DIR, config,
                 prepared.corpus.label_names)
     return recorder.finish(earlier_seconds + time.perf_counter() - started)
+
+
+def split_server(config: RunConfig, adapter, params, loss_fn) -> SplitServer:
+    """The server side of a split-learning run on the server's model (``params``: its
+    trainable parameters, the global state)."""
+    method = split_method(config)
+    return SplitServer(method, SplitModel(adapter, method.split_layer, params), loss_fn,
+                       config.train.lr, config.ho_sfl.client_lr, config.train.weight_decay)
 
 
 def write_generations(out_dir: Path, server_round: int, samples: list[dict[str, str]]) -> None:

@@ -105,6 +105,20 @@ class PlannedStrategy(Strategy):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self._global = arrays
+        node_ids = self.sample_round(grid, server_round)
+        guidance = records.to_array_record(self.guidance) if self.guidance else None
+        payload_bytes = records.record_bytes(arrays) + (
+            records.record_bytes(guidance) if guidance else 0)
+        self._sent = {node_id: payload_bytes for node_id in node_ids}
+        self._instructions = [Message(self.instruction_for(node_id, server_round, arrays,
+                                                           guidance),
+                                      node_id, MessageType.TRAIN, group_id=str(server_round))
+                              for node_id in node_ids]
+        return self._instructions
+
+    def sample_round(self, grid: Grid, server_round: int) -> list[int]:
+        """The nodes this round trains (train.fraction-train, seeded over client ids), and
+        the round's start in the book."""
         federation = self._config.federation
         # Round 1 waits (up to the deadline) for all data.num-clients nodes to connect; later
         # rounds sample at once from the nodes connected, so a dead node costs no wait.
@@ -116,15 +130,7 @@ class PlannedStrategy(Strategy):
                                                                           server_round))
         self._sampled_once = True
         self._book.round_started(server_round, len(node_ids))
-        guidance = records.to_array_record(self.guidance) if self.guidance else None
-        payload_bytes = records.record_bytes(arrays) + (
-            records.record_bytes(guidance) if guidance else 0)
-        self._sent = {node_id: payload_bytes for node_id in node_ids}
-        self._instructions = [Message(self.instruction_for(node_id, server_round, arrays,
-                                                           guidance),
-                                      node_id, MessageType.TRAIN, group_id=str(server_round))
-                              for node_id in node_ids]
-        return self._instructions
+        return node_ids
 
     def order_by_client(self, grid: Grid, node_ids: Sequence[int], server_round: int
                         ) -> list[int]:

@@ -1,0 +1,106 @@
+"""Split learning end to end, in-process (issue #16): ho-sfl lowers the loss and moves the
+client part with P scalars per client and round whatever the model size; sfl and zo-sfl run in
+the same harness with their own traffic; a client lost between the two exchanges is left out
+of the client part's update without breaking the round."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hfedmoe import checkpoint as ckpt
+from hfedmoe.client import build_model
+from hfedmoe.config import ConfigError, load_config_file, parse_run_config
+from hfedmoe.faults import failing_clients
+from hfedmoe.model.state import read_state, set_trainable
+from hfedmoe.report import read_metrics
+from hfedmoe.runner import run_experiment
+
+pytestmark = pytest.mark.slow
+ROUNDS = 6
+P = 3
+
+
+def _config(out, method, **overrides):
+    return parse_run_config(load_config_file("conf/tiny.toml"), {
+        "method": method, "out": str(out), "num-server-rounds": ROUNDS,
+        "train.batch-size": 16, "train.lr": 0.003, "ho-sfl.directions": P,
+        "ho-sfl.client-lr": 0.01, "checkpoint.every": ROUNDS, "checkpoint.keep": 1,
+        "data.client-test-fraction": 0.0, **overrides})
+
+
+def _client_part(out):
+    state = ckpt.load_latest(out / ckpt.CHECKPOINT_DIR).global_state
+    return {k: v for k, v in state.items() if k.startswith(("expert.0.", "router.0."))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    done = {}
+    for method in ("ho-sfl", "sfl", "zo-sfl"):
+        out = tmp_path_factory.mktemp(method) / "run"
+        done[method] = (out, run_experiment(_config(out, method)))
+    return done
+
+
+def test_ho_sfl_lowers_the_loss_and_uploads_p_scalars(runs):
+    out, summary = runs["ho-sfl"]
+    assert summary["final_loss"] < summary["loss_by_round"][0]
+    records = read_metrics(out)[1:]
+    clients = len(records[0]["clients"])
+    assert clients == 3
+    for record in records:  # model-update traffic: P float64 scalars per client, no tensor
+        assert record["bytes_up_updates"] == clients * P * 8
+        assert record["bytes_up_activations"] > 0
+        assert record["bytes_up"] == record["bytes_up_activations"] + record["bytes_up_updates"]
+    assert summary["bytes_up_updates"] == ROUNDS * clients * P * 8
+
+
+def test_the_client_part_moves_under_ho_sfl(runs, tmp_path):
+    out, _ = runs["ho-sfl"]
+    initial = _config(tmp_path, "ho-sfl")  # the initial model: built from the run's seed
+    adapter = build_model(initial, num_labels=5)
+    start = read_state(set_trainable(adapter, initial.model.trainable_non_expert))
+    trained = _client_part(out)
+    assert trained and any(not torch.equal(trained[k], start[k]) for k in trained)
+
+
+def test_baselines_run_in_the_same_harness_with_their_own_traffic(runs):
+    ho_records = read_metrics(runs["ho-sfl"][0])[1:]
+    sfl_records = read_metrics(runs["sfl"][0])[1:]
+    zo_records = read_metrics(runs["zo-sfl"][0])[1:]
+    client_part = sum(v.numel() for v in _client_part(runs["sfl"][0]).values())
+    for ho, sfl, zo in zip(ho_records, sfl_records, zo_records):
+        # sfl uploads theta_c's gradient (float32, every key), zo-sfl nothing but activations
+        assert sfl["bytes_up_updates"] >= 3 * client_part * 4
+        assert zo["bytes_up_updates"] == 0
+        # zo-sfl sends z at theta and at P perturbations: (P + 1) x ho-sfl's z, same mask/labels
+        assert zo["bytes_up_activations"] > P * ho["bytes_up_activations"]
+        assert sfl["bytes_up_activations"] == ho["bytes_up_activations"]
+    for method in ("sfl", "zo-sfl"):
+        summary = runs[method][1]
+        assert summary["final_loss"] < summary["loss_by_round"][0]
+
+
+def test_a_client_lost_between_the_exchanges_is_left_out(tmp_path):
+    config = _config(tmp_path / "run", "ho-sfl", **{
+        "num-server-rounds": 2, "faults.client-failure-rate": 0.34})  # 1 of 3 per round
+    summary = run_experiment(config)
+    assert summary["rounds"] == 2
+    for record in read_metrics(tmp_path / "run")[1:]:
+        lost = failing_clients(config.seed, record["round"], 3, 0.34)
+        assert len(lost) == 1
+        assert [f["client_id"] for f in record["failures"]] == sorted(lost)
+        assert "zo:" in record["failures"][0]["reason"]
+        # its activations trained the server part; its scalars are missing from the average
+        completed = {c["client_id"]: c["completed"] for c in record["clients"]}
+        assert completed == {c: c not in lost for c in range(3)}
+        assert record["bytes_up_updates"] == 2 * P * 8
+        assert record["aggregated"] is True
+
+
+def test_split_settings_are_checked_before_the_run(tmp_path):
+    with pytest.raises(ConfigError, match="ho-sfl.split-layer"):
+        run_experiment(_config(tmp_path, "ho-sfl", **{"ho-sfl.split-layer": 2}))
+    with pytest.raises(ConfigError, match="checkpoint.resume"):
+        _config(tmp_path, "sfl", **{"checkpoint.resume": True})
