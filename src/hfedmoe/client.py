@@ -50,7 +50,8 @@ from hfedmoe.strategies import (
 )
 from hfedmoe.measurement import AllocatorPeak
 from hfedmoe.split import SplitModel
-from hfedmoe.strategies.ho_sfl import client_answer, split_method
+from hfedmoe.strategies.ho_sfl import (active_client_experts, client_answer, part_budget,
+                                       split_method)
 from hfedmoe.tasks import task_for
 from hfedmoe.training import (
     LocalTrainingResult,
@@ -319,6 +320,14 @@ def run_split_exchange(config: RunConfig, partition_id: int, server_round: int, 
     batch = {k: v.to(device) for k, v in batch.items()}
     start = time.perf_counter()
     with AllocatorPeak(device, split.client_weight_bytes()) as meter:
-        outputs = client_answer(method, split, phase, batch, seeds, cut_gradient)
+        active = None
+        if phase == "zo" and method.active_experts:  # HFedMoE's selection in the client part
+            geometry = adapter.geometry
+            budget = part_budget(client_budget(adapter, config, partition_id),
+                                 geometry.total_experts,
+                                 split.client_moe_layers * geometry.num_experts)
+            active = active_client_experts(split, batch, budget, config.hfedmoe.lambda_,
+                                           config.hfedmoe.beta)
+        outputs = client_answer(method, split, phase, batch, seeds, cut_gradient, active)
     return SplitAnswer(outputs, batch["attention_mask"].cpu(), batch["labels"].cpu(),
                        meter.peak_bytes, time.perf_counter() - start, len(data.train))

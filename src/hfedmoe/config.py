@@ -335,6 +335,7 @@ class HOSFLConfig:
     directions: int  # P: zeroth-order directions per round (ho-sfl, zo-sfl)
     mu: float  # perturbation scale of the directions
     client_lr: float  # AdamW learning rate of the client part (0: train.lr)
+    active_experts: bool  # ho-sfl: perturb only the experts HFedMoE's selection picks
 
     def __post_init__(self) -> None:
         _require(self.split_layer >= 1, "ho-sfl.split-layer", self.split_layer,

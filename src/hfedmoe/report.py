@@ -18,6 +18,9 @@ The round record (produced by the federation code, one per evaluated round)::
      "loss": float,              # test loss of the global model after this round
      "train_loss": float | None, # mean local train loss of the round; None for round 0
      "bytes_up": int,            # bytes sent clients -> server this round (all clients)
+                                 # = bytes_up_activations (split learning's cut-layer
+                                 # activations, else 0) + bytes_up_updates (model updates,
+                                 # gradients or ZO scalars)
      "bytes_down": int,          # bytes sent server -> clients this round (all clients):
                                  # bytes_down_train + bytes_down_evaluate (ArrayRecord payloads)
      "round_seconds": float,     # wall time of this round

@@ -99,6 +99,12 @@ class SplitModel:
                              "the client part would have nothing to learn")
 
     @property
+    def client_moe_layers(self) -> int:
+        """MoE layers below the cut (their experts are the client part's)."""
+        bottom = {id(m) for block in self.blocks[:self.split_layer] for m in block.modules()}
+        return sum(1 for bank in self.adapter.banks if id(bank) in bottom)
+
+    @property
     def hidden_size(self) -> int:
         """H of the cut-layer activations (the model config's ``hidden_size``)."""
         model = self.adapter.model
@@ -198,32 +204,39 @@ def gaussian_directions(seed: int, shapes: Sequence[torch.Size]) -> Iterator[tor
 
 @torch.no_grad()
 def zo_scalars(forward: Callable[[], torch.Tensor], params: Sequence[nn.Parameter],
-               cut_gradient: torch.Tensor, seeds: Sequence[int], mu: float) -> list[float]:
+               cut_gradient: torch.Tensor, seeds: Sequence[int], mu: float,
+               include: Sequence[bool] | None = None) -> list[float]:
     """v_p = <lambda, f(theta + mu u_p) - f(theta)> for each seed p (module docstring, step 3).
 
     ``forward()``: the client part's output z (B, T, H) at the current parameters;
     ``params``: theta_c in the order the directions are drawn; ``cut_gradient``: lambda
-    (B, T, H). The parameters are restored bit for bit after each perturbation. P + 1
-    forward passes, no backward. Raises ValueError for mu <= 0 or no seed."""
+    (B, T, H). ``include`` (one bool per parameter; None: all): only those are perturbed,
+    the others keep their share of each direction's random stream unused (so every client
+    draws the same u_p whatever it includes). The parameters are restored bit for bit after
+    each perturbation. P + 1 forward passes, no backward. Raises ValueError for mu <= 0 or
+    no seed."""
     if mu <= 0 or not seeds:
         raise ValueError(f"need mu > 0 and at least one seed, got mu={mu}, {len(seeds)} seeds")
     base = forward().double()
     lam = cut_gradient.double()
     return [float((lam * (forward().double() - base)).sum())
-            for _ in perturbed(params, seeds, mu)]
+            for _ in perturbed(params, seeds, mu, include)]
 
 
 @torch.no_grad()
-def perturbed(params: Sequence[nn.Parameter], seeds: Sequence[int], mu: float
-              ) -> Iterator[int]:
-    """For each seed in turn: ``params`` moved to theta + mu u_seed, the seed yielded, and
-    ``params`` restored bit for bit (also when the caller stops early or raises)."""
+def perturbed(params: Sequence[nn.Parameter], seeds: Sequence[int], mu: float,
+              include: Sequence[bool] | None = None) -> Iterator[int]:
+    """For each seed in turn: ``params`` moved to theta + mu u_seed (only those ``include``
+    marks), the seed yielded, and ``params`` restored bit for bit (also when the caller stops
+    early or raises)."""
+    include = [True] * len(params) if include is None else list(include)
     saved = [p.detach().clone() for p in params]
     shapes = [p.shape for p in params]
     try:
         for seed in seeds:
-            for param, u in zip(params, gaussian_directions(seed, shapes)):
-                param.add_(u.to(param.device, param.dtype), alpha=mu)
+            for param, u, moved in zip(params, gaussian_directions(seed, shapes), include):
+                if moved:
+                    param.add_(u.to(param.device, param.dtype), alpha=mu)
             yield seed
             for param, value in zip(params, saved):
                 param.copy_(value)
@@ -258,11 +271,30 @@ def zo_gradient(shapes: Sequence[torch.Size], seeds: Sequence[int], scalars: Seq
     return grads
 
 
+def holder_mean_gradient(shapes: Sequence[torch.Size], seeds: Sequence[int],
+                         clients: Sequence[tuple[Sequence[float], Sequence[bool]]], mu: float
+                         ) -> list[torch.Tensor | None]:
+    """The client part's update when each client perturbed only some parameters
+    (``ho-sfl.active-experts``): client m's estimate g^m = (1/(P mu)) sum_p v_mp u_p restricted
+    to the parameters it included, averaged per parameter over the clients that included it
+    (HFedMoE's holder average, Eq. 17's idea); None for a parameter nobody included.
+    ``clients``: (scalars, include) per client. Seeds, scalars and masks are all that enter."""
+    sums: list[torch.Tensor | None] = [None] * len(shapes)
+    holders = [0] * len(shapes)
+    for scalars, include in clients:
+        for index, grad in enumerate(zo_gradient(shapes, seeds, scalars, mu)):
+            if include[index]:
+                sums[index] = grad if sums[index] is None else sums[index] + grad
+                holders[index] += 1
+    return [None if total is None else total / count for total, count in zip(sums, holders)]
+
+
 def apply_gradient(optimizer: torch.optim.Optimizer, params: Sequence[nn.Parameter],
-                   grads: Sequence[torch.Tensor]) -> None:
-    """One ``optimizer`` step with ``grads`` as the parameters' gradients (then cleared)."""
+                   grads: Sequence[torch.Tensor | None]) -> None:
+    """One ``optimizer`` step with ``grads`` as the parameters' gradients (then cleared); a
+    None gradient leaves its parameter and its optimizer state untouched."""
     for param, grad in zip(params, grads):
-        param.grad = grad.to(param.device, param.dtype)
+        param.grad = None if grad is None else grad.to(param.device, param.dtype)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 

@@ -104,3 +104,40 @@ def test_split_settings_are_checked_before_the_run(tmp_path):
         run_experiment(_config(tmp_path, "ho-sfl", **{"ho-sfl.split-layer": 2}))
     with pytest.raises(ConfigError, match="checkpoint.resume"):
         _config(tmp_path, "sfl", **{"checkpoint.resume": True})
+
+
+def test_active_experts_moves_only_the_experts_the_clients_selected(tmp_path):
+    out = tmp_path / "run"
+    config = _config(out, "ho-sfl", **{"num-server-rounds": 1, "checkpoint.every": 1,
+                                       "ho-sfl.active-experts": True, "budget.experts": "25%"})
+    run_experiment(config)
+    record = read_metrics(out)[1]
+    moved = torch.zeros(2, 8, dtype=torch.bool)
+    for client in record["clients"]:
+        trained = torch.tensor(client["trained_experts"]).reshape(2, 8).bool()
+        # 25% of the 16 experts = 4 -> the same share of the client part's 8 = 2, layer 0 only
+        assert int(trained.sum()) == 2 and not trained[1].any()
+        moved |= trained
+    assert record["bytes_up_updates"] == 3 * (P * 8 + 16)  # scalars + the (L, S) mask
+    adapter = build_model(config, num_labels=5)
+    start = read_state(set_trainable(adapter, config.model.trainable_non_expert))
+    after = ckpt.load_latest(out / ckpt.CHECKPOINT_DIR).global_state
+    for expert in range(8):
+        keys = [k for k in after if k.startswith(f"expert.0.{expert}.")]
+        same = all(torch.equal(after[k], start[k]) for k in keys)
+        assert same != bool(moved[0, expert]), expert  # moved iff some client selected it
+    assert not torch.equal(after["router.0.weight"], start["router.0.weight"])  # always moved
+
+
+def test_with_lora_the_client_part_is_its_experts_factors(tmp_path):
+    out = tmp_path / "run"
+    config = _config(out, "ho-sfl", **{"num-server-rounds": 1, "checkpoint.every": 1,
+                                       "train.adapter": "lora", "lora.rank": 4})
+    summary = run_experiment(config)
+    assert summary["bytes_up_updates"] == 3 * P * 8
+    after = _client_part(out)
+    experts = [k for k in after if k.startswith("expert.")]
+    assert experts and all(".lora." in k for k in experts)  # the factors, not the weights
+    adapter = build_model(config, num_labels=5)
+    start = read_state(set_trainable(adapter, config.model.trainable_non_expert))
+    assert any(not torch.equal(after[k], start[k]) for k in experts)

@@ -16,6 +16,7 @@ from hfedmoe.config import parse_run_config
 from hfedmoe.model import load_adapter
 from hfedmoe.model.state import set_trainable
 from hfedmoe.split import (SplitModel, apply_gradient, direction_seeds, gaussian_directions,
+                           holder_mean_gradient,
                            mean_scalars, zo_gradient, zo_scalars)
 from hfedmoe.tasks.classification import classification_loss
 
@@ -183,3 +184,26 @@ def test_zo_scalars_on_the_split_model_match_autograd_directional_derivatives():
         exact = sum(float((g * u.double()).sum())
                     for g, u in zip(grads, gaussian_directions(seed, shapes)))
         assert value / mu == pytest.approx(exact, rel=1e-2, abs=1e-4)
+
+
+def test_holder_mean_averages_each_parameter_over_the_clients_that_moved_it():
+    shapes = [torch.Size([2, 3]), torch.Size([4]), torch.Size([5])]
+    seeds, mu = [4, 8], 1e-3
+    clients = [([0.2, -0.4], [True, False, True]), ([1.0, 0.5], [True, True, False])]
+    got = holder_mean_gradient(shapes, seeds, clients, mu)
+    each = [zo_gradient(shapes, seeds, scalars, mu) for scalars, _ in clients]
+    assert torch.allclose(got[0], (each[0][0] + each[1][0]) / 2)  # both moved it
+    assert torch.equal(got[1], each[1][1])  # only client 1
+    assert torch.equal(got[2], each[0][2])  # only client 0
+    assert holder_mean_gradient(shapes, seeds, [([0.1, 0.1], [False] * 3)], mu) == [None] * 3
+
+
+def test_excluded_parameters_are_not_perturbed_and_keep_the_shared_stream():
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    lam = torch.ones(5)
+    forward = lambda: torch.cat([a, b])  # noqa: E731
+    both = zo_scalars(forward, [a, b], lam, [9], mu=1.0)[0]
+    only_b = zo_scalars(forward, [a, b], lam, [9], mu=1.0, include=[False, True])[0]
+    (u_a, u_b) = gaussian_directions(9, [a.shape, b.shape])
+    assert only_b == pytest.approx(float(u_b.sum()))  # b's part of the SAME direction
+    assert both == pytest.approx(float(u_a.sum() + u_b.sum()))

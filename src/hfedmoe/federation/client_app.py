@@ -103,7 +103,7 @@ def make_client_app() -> ClientApp:
                                         answer.peak_memory_bytes, answer.seconds,
                                         process_memory())
         if "scalars" in outputs:
-            content = records.scalars_reply(outputs["scalars"], metrics)
+            content = records.scalars_reply(outputs["scalars"], metrics, outputs.get("active"))
         elif "gradient" in outputs:
             content = records.gradient_reply(outputs["gradient"], metrics)
         else:

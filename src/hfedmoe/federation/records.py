@@ -54,7 +54,9 @@ Split learning (methods ho-sfl, sfl, zo-sfl; hfedmoe.strategies.ho_sfl), message
   reply ``"activations"`` ArrayRecord - ``z`` (B, T, H) cut-layer activations (perturbed: also
                                ``z.<p>`` at theta_c + mu u_p), ``attention-mask`` (B, T),
                                ``labels`` (B,) class ids or (B, T) token ids (-100 = ignored)
-  reply ``"scalars"`` MetricRecord - ``values``: the P zeroth-order scalars v_p (zo)
+  reply ``"scalars"`` MetricRecord - ``values``: the P zeroth-order scalars v_p (zo);
+                               ``active``: flattened (L, S) 0/1, the experts it perturbed
+                               (ho-sfl.active-experts; counted 1 byte each)
   reply ``"update"`` ArrayRecord - the client part's gradient, flat keys (gradient)
   reply ``"metrics"`` MetricRecord - ``client-id``, ``num-examples`` (|D_c|),
                                ``batch-examples`` (B, the round's one batch),
@@ -415,8 +417,16 @@ class SplitReply:
     attention_mask: torch.Tensor | None = None  # (B, T)
     labels: torch.Tensor | None = None  # (B,) or (B, T)
     scalars: tuple[float, ...] = ()  # (zo)
+    active: torch.Tensor | None = None  # (L, S) bool: the experts perturbed (active-experts)
     gradient: dict[str, torch.Tensor] = field(default_factory=dict)  # (gradient)
     bytes_up: int = 0
+
+
+def is_split_reply(content: RecordDict) -> bool:
+    """Whether ``content`` answers a split-learning exchange (activations, scalars, or a
+    gradient without routing statistics)."""
+    return ACTIVATIONS in content.array_records or SCALARS in content.metric_records or (
+        UPDATE in content.array_records and ROUTING not in content.metric_records)
 
 
 def store_split_state(node_state: RecordDict, server_round: int, client_part: ArrayRecord
@@ -444,9 +454,13 @@ def activations_reply(z: torch.Tensor, attention_mask: torch.Tensor,
     return RecordDict({ACTIVATIONS: to_array_record(arrays), METRICS: metrics})
 
 
-def scalars_reply(scalars: Sequence[float], metrics: MetricRecord) -> RecordDict:
-    return RecordDict({SCALARS: MetricRecord({"values": [float(v) for v in scalars]}),
-                       METRICS: metrics})
+def scalars_reply(scalars: Sequence[float], metrics: MetricRecord,
+                  active: torch.Tensor | None = None) -> RecordDict:
+    """``active``: (L, S) bool, the experts the client perturbed (ho-sfl.active-experts)."""
+    record = {"values": [float(v) for v in scalars]}
+    if active is not None:
+        record["active"] = [int(a) for a in active.reshape(-1)]
+    return RecordDict({SCALARS: MetricRecord(record), METRICS: metrics})
 
 
 def gradient_reply(gradient: Mapping[str, torch.Tensor], metrics: MetricRecord) -> RecordDict:
@@ -454,7 +468,7 @@ def gradient_reply(gradient: Mapping[str, torch.Tensor], metrics: MetricRecord) 
 
 
 def parse_split_reply(content: RecordDict, phase: str, hidden_size: int, max_length: int,
-                      directions: int) -> SplitReply:
+                      directions: int, expert_shape: tuple[int, int] = (0, 0)) -> SplitReply:
     """Decode and check one split-learning reply of ``phase``; raises ValueError naming the
     problem: a missing record or key, a wrong shape (z must be (B, T, hidden_size) with
     T <= max_length, the mask (B, T) of 0/1, labels (B,) or (B, T) of integers), a
@@ -503,10 +517,17 @@ def parse_split_reply(content: RecordDict, phase: str, hidden_size: int, max_len
         if SCALARS not in content.metric_records or "values" not in \
                 content.metric_records[SCALARS]:
             raise ValueError(f"reply lacks '{SCALARS}' / 'values'")
-        values = [float(v) for v in content.metric_records[SCALARS]["values"]]
+        record = content.metric_records[SCALARS]
+        values = [float(v) for v in record["values"]]
         if len(values) != directions or not all(math.isfinite(v) for v in values):
             raise ValueError(f"expected {directions} finite scalars, got {values}")
-        return SplitReply(**base, scalars=tuple(values), bytes_up=8 * len(values))
+        active = _matrix(record, "active", expert_shape) if "active" in record else None
+        if active is not None and not bool(((active == 0) | (active == 1)).all()):
+            raise ValueError("scalars 'active' has values other than 0 and 1")
+        return SplitReply(**base, scalars=tuple(values),
+                          active=None if active is None else active.bool(),
+                          bytes_up=8 * len(values) + (active.numel() if active is not None
+                                                      else 0))
     if phase == "gradient":
         if UPDATE not in content.array_records:
             raise ValueError(f"reply lacks the '{UPDATE}' record")

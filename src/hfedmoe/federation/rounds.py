@@ -24,6 +24,7 @@ class RecordSink(Protocol):
 
 class Display(Protocol):
     def round_started(self, server_round: int, num_sampled: int | None = None) -> None: ...
+    def client_finished(self, round: int, client_id: int, info: Mapping) -> None: ...
     def round_finished(self, record: dict) -> None: ...
 
 
@@ -116,6 +117,10 @@ class RoundBook:
         self._display.round_started(server_round, num_sampled)
         self._pending_round = server_round
         self._pending = {"sampled": num_sampled, "attempts": 1, "earlier_failures": []}
+
+    def client_finished(self, server_round: int, client_id: int, info: Mapping) -> None:
+        """Show one client's training reply (``info``: reply-metric or record-entry keys)."""
+        self._display.client_finished(server_round, client_id, info)
 
     def train_finished(self, server_round: int, updates: Sequence[ClientUpdate],
                        failures: list[dict], traffic: Mapping[int, tuple[int, int]],

@@ -136,7 +136,9 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
             return MetricRecord({"accuracy": result.accuracy, "loss": result.loss, **metrics})
 
         def on_reply(reply: Message) -> None:
-            if reply.metadata.message_type == MessageType.TRAIN:
+            # split learning reports its clients itself, once their loss is known
+            if reply.metadata.message_type == MessageType.TRAIN and not (
+                    not reply.has_error() and records.is_split_reply(reply.content)):
                 client_id, info = _reply_info(reply)
                 display.client_finished(int(reply.metadata.group_id or 0), client_id, info)
 

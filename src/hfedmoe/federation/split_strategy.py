@@ -30,7 +30,7 @@ from hfedmoe import validation
 from hfedmoe.aggregation import ClientUpdate
 from hfedmoe.federation import records
 from hfedmoe.federation.strategy import ERROR_KINDS, PlannedStrategy, UNREACHABLE_KINDS
-from hfedmoe.model.state import read_state, write_state
+from hfedmoe.model.state import expert_of, read_state, write_state
 from hfedmoe.split import direction_seeds
 from hfedmoe.strategies.ho_sfl import SplitServer
 
@@ -79,6 +79,9 @@ class SplitStrategy(PlannedStrategy):
                 continue
             self.client_of[node_id] = reply.client_id
             accepted[node_id] = (reply, loss, lam)
+            self._book.client_finished(server_round, reply.client_id, {
+                "num-examples": reply.num_examples, "train-loss": loss,
+                "mean-step-seconds": reply.metrics.get("mean-step-seconds")})
             if values:
                 scalars[node_id] = values
         enough = len(accepted) >= self._config.federation.min_replies
@@ -88,6 +91,8 @@ class SplitStrategy(PlannedStrategy):
             return None
         self._server.step_server_part()
         updates_up: dict[int, int] = {}
+        second_metrics: dict[int, Mapping[str, float]] = {}  # the second replies' metrics
+        active: dict[int, torch.Tensor] = {}  # ho-sfl.active-experts: what each perturbed
         gradients: list[Mapping[str, torch.Tensor]] = []
         if len(method.phases) > 1:
             second = method.phases[1]
@@ -103,8 +108,15 @@ class SplitStrategy(PlannedStrategy):
                     failures.append(self._failure(node_id, "second reply from another client"))
                     continue
                 updates_up[node_id] = reply.bytes_up
+                second_metrics[node_id] = reply.metrics
                 if second == "zo":
+                    if method.active_experts and reply.active is None:
+                        failures.append(self._failure(node_id, "zo: no 'active' experts"))
+                        del updates_up[node_id]
+                        continue
                     scalars[node_id] = list(reply.scalars)
+                    if reply.active is not None:
+                        active[node_id] = reply.active
                 else:
                     try:
                         validation.check_tensors(reply.gradient,
@@ -114,9 +126,12 @@ class SplitStrategy(PlannedStrategy):
                         del updates_up[node_id]
                         continue
                     gradients.append(reply.gradient)
-        self._server.step_client_part(seeds, [scalars[n] for n in sorted(scalars)], gradients)
+        order = sorted(scalars)
+        self._server.step_client_part(seeds, [scalars[n] for n in order], gradients,
+                                      [active[n] for n in order] if active else ())
         self._finish(server_round, accepted, updates_up, failures, aggregated=True,
-                     completed=set(scalars) | set(updates_up))
+                     completed=set(scalars) | set(updates_up), active=active,
+                     second_metrics=second_metrics)
         return records.to_array_record(read_state(self._params))
 
     def _exchange(self, grid: Grid, node_ids, server_round: int, content, timeout: float,
@@ -140,10 +155,10 @@ class SplitStrategy(PlannedStrategy):
                     ERROR_KINDS.get(int(reply.error.code), "error")))
                 continue
             try:
-                parsed = records.parse_split_reply(reply.content, phase,
-                                                   self._server.split.hidden_size,
-                                                   self._config.model.max_length,
-                                                   self._split_method.directions)
+                parsed = records.parse_split_reply(
+                    reply.content, phase, self._server.split.hidden_size,
+                    self._config.model.max_length, self._split_method.directions,
+                    (self._geometry.num_layers, self._geometry.num_experts))
             except (ValueError, KeyError, TypeError) as exc:
                 failures.append(self._failure(node_id, f"{phase}: rejected reply: {exc}"))
                 continue
@@ -157,17 +172,23 @@ class SplitStrategy(PlannedStrategy):
                 "kind": kind, "reason": reason}
 
     def _finish(self, server_round: int, accepted, updates_up: Mapping[int, int],
-                failures: list[dict], aggregated: bool, completed: set[int] = frozenset()
-                ) -> None:
+                failures: list[dict], aggregated: bool, completed: set[int] = frozenset(),
+                active: Mapping[int, torch.Tensor] | None = None,
+                second_metrics: Mapping[int, Mapping[str, float]] | None = None) -> None:
         geometry, split = self._geometry, self._server.split
         trained = torch.zeros(geometry.num_layers, geometry.num_experts, dtype=torch.bool)
         for key in split.client_keys:
-            parts = key.split(".")
-            if parts[0] == "expert":
-                trained[int(parts[1]), int(parts[2])] = True
+            if (expert := expert_of(key)) is not None:
+                trained[expert] = True
         updates, traffic = [], {}
         activations_up = 0
         for node_id, (reply, loss, _) in accepted.items():
+            moved = (active or {}).get(node_id, trained)  # the client-part experts it moved
+            later = (second_metrics or {}).get(node_id, {})
+            peak = max(reply.metrics.get("peak-memory-bytes", 0),
+                       later.get("peak-memory-bytes", 0))  # the larger of its two exchanges
+            seconds = reply.metrics.get("mean-step-seconds", 0.0) + later.get(
+                "mean-step-seconds", 0.0)  # its compute in the round
             activations_up += reply.bytes_up
             up = reply.bytes_up + updates_up.get(node_id, 0)
             traffic[reply.client_id] = (up, self._sent.get(node_id, 0))
@@ -175,14 +196,14 @@ class SplitStrategy(PlannedStrategy):
                 reply.client_id, reply.num_examples, {},
                 torch.zeros(geometry.num_layers, geometry.num_experts),
                 {"train-loss": loss, "budget-experts": int(trained.sum()),
-                 "max-active-experts-per-batch": int(trained.sum()),
-                 "peak-memory-bytes": reply.metrics.get("peak-memory-bytes", 0),
+                 "max-active-experts-per-batch": int(moved.sum()),
+                 "peak-memory-bytes": peak,
                  "peak-memory-estimate-bytes": 0,
-                 "mean-step-seconds": reply.metrics.get("mean-step-seconds", 0.0),
+                 "mean-step-seconds": seconds,
                  "local-steps": 1,  # its batch trained the server part
                  **{k: reply.metrics[k] for k in records.OPTIONAL_REPLY_METRIC_KEYS
                     if k in reply.metrics}},
-                trained=trained))
+                trained=moved))
         # completed: the client also took part in the client part's update (zo-sfl: always)
         single = len(self._split_method.phases) == 1
         self._book.train_finished(

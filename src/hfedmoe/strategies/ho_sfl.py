@@ -48,9 +48,11 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
-from hfedmoe.split import (SplitModel, apply_gradient, mean_scalars, perturbed, zo_gradient,
-                           zo_scalars)
-from hfedmoe.training import make_optimizer
+from hfedmoe.model.state import expert_of
+from hfedmoe.selection import IBSelector
+from hfedmoe.split import (SplitModel, apply_gradient, holder_mean_gradient, mean_scalars,
+                           perturbed, zo_gradient, zo_scalars)
+from hfedmoe.training import make_optimizer, sample_probabilities, trace_counts
 
 PHASES = {"ho-sfl": ("forward", "zo"), "sfl": ("forward", "gradient"), "zo-sfl": ("perturbed",)}
 
@@ -63,6 +65,7 @@ class SplitMethod:
     split_layer: int
     directions: int  # P
     mu: float
+    active_experts: bool = False  # ho-sfl: perturb only the experts HFedMoE's selection picks
 
     @property
     def phases(self) -> tuple[str, ...]:
@@ -79,7 +82,8 @@ def split_method(config) -> SplitMethod:
     h = config.ho_sfl
     if config.method not in PHASES:
         raise ValueError(f"method {config.method!r} is not a split-learning method")
-    return SplitMethod(config.method, h.split_layer, h.directions, h.mu)
+    return SplitMethod(config.method, h.split_layer, h.directions, h.mu,
+                       h.active_experts and config.method == "ho-sfl")
 
 
 # --- client half ---------------------------------------------------------------------------
@@ -87,11 +91,14 @@ def split_method(config) -> SplitMethod:
 
 def client_answer(method: SplitMethod, split: SplitModel, phase: str,
                   batch: Mapping[str, torch.Tensor], seeds: Sequence[int],
-                  cut_gradient: torch.Tensor | None) -> dict:
+                  cut_gradient: torch.Tensor | None,
+                  active: torch.Tensor | None = None) -> dict:
     """What one client computes in ``phase`` on its round's ``batch`` (input_ids,
     attention_mask, labels; on the model's device): ``forward`` -> {"z"}; ``perturbed`` ->
-    {"z", "perturbed": [z_p]}; ``zo`` -> {"scalars"}; ``gradient`` -> {"gradient": key ->
-    dL/dtheta_c}. The client part runs in eval mode; theta_c is left as it came."""
+    {"z", "perturbed": [z_p]}; ``zo`` -> {"scalars"} (with ``active``, (L, S) bool from
+    :func:`active_client_experts`: only those experts of the client part are perturbed, and
+    "active" is returned too); ``gradient`` -> {"gradient": key -> dL/dtheta_c}. The client
+    part runs in eval mode; theta_c is left as it came."""
     model = split.adapter.model
     model.eval()
     ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -104,8 +111,11 @@ def client_answer(method: SplitMethod, split: SplitModel, phase: str,
         raise ValueError(f"phase {phase!r} needs the cut-layer gradient")
     lam = cut_gradient.to(next(model.parameters()).device)
     if phase == "zo":
-        return {"scalars": zo_scalars(lambda: split.client_forward(ids, mask),
-                                      split.client_parameters, lam, seeds, method.mu)}
+        include = None if active is None else included_parameters(split.client_keys, active)
+        answer = {"scalars": zo_scalars(lambda: split.client_forward(ids, mask),
+                                        split.client_parameters, lam, seeds, method.mu,
+                                        include)}
+        return answer if active is None else {**answer, "active": active}
     if phase == "gradient":
         params = split.client_parameters
         z = split.client_forward(ids, mask, grad=True)
@@ -115,6 +125,36 @@ def client_answer(method: SplitMethod, split: SplitModel, phase: str,
         return {"gradient": {key: (g if g is not None else torch.zeros_like(p)).detach()
                              for key, p, g in zip(split.client_keys, params, grads)}}
     raise ValueError(f"unknown split phase {phase!r}")
+
+
+def included_parameters(client_keys: Sequence[str], active: torch.Tensor) -> list[bool]:
+    """Per client-part key: perturbed under ``ho-sfl.active-experts``? An expert's tensors
+    when ``active[layer, expert]``; routers and other trainables always."""
+    return [(expert := expert_of(key)) is None or bool(active[expert]) for key in client_keys]
+
+
+def part_budget(budget_experts: int, total_experts: int, part_experts: int) -> int:
+    """The client's budget within its part (``ho-sfl.active-experts``): the same share of
+    the part's experts as C_budget is of the whole model's, at least 1."""
+    return max(1, min(part_experts, round(budget_experts * part_experts / total_experts)))
+
+
+@torch.no_grad()
+def active_client_experts(split: SplitModel, batch: Mapping[str, torch.Tensor], budget: int,
+                          lam: float, beta: float) -> torch.Tensor:
+    """HFedMoE's per-batch selection (Eqs. 3-5, 14, 15; hfedmoe.selection.IBSelector) over the
+    client part's MoE layers, ``budget`` experts at most: (L, S) bool over the whole model,
+    False in the server's layers."""
+    adapter, ids, mask = split.adapter, batch["input_ids"], batch["attention_mask"]
+    geometry = adapter.geometry
+    with adapter.trace_routing() as trace:
+        split.client_forward(ids, mask)
+    layers = len(trace.probabilities)  # the MoE layers below the cut
+    routed = trace_counts(trace, mask, geometry.num_experts) > 0  # (layers, S)
+    chosen = IBSelector(lam, beta, budget)(sample_probabilities(trace, mask), routed).active
+    active = torch.zeros(geometry.num_layers, geometry.num_experts, dtype=torch.bool)
+    active[:layers] = chosen
+    return active
 
 
 def perturbed_activations(split: SplitModel, ids: torch.Tensor, mask: torch.Tensor,
@@ -187,16 +227,25 @@ class SplitServer:
         self._server_optimizer.zero_grad(set_to_none=True)
 
     def step_client_part(self, seeds: Sequence[int], client_scalars: Sequence[Sequence[float]] = (),
-                         client_gradients: Sequence[Mapping[str, torch.Tensor]] = ()) -> None:
+                         client_gradients: Sequence[Mapping[str, torch.Tensor]] = (),
+                         client_active: Sequence[torch.Tensor] = ()) -> None:
         """One AdamW step of theta_c: from the clients' scalars (ho-sfl, zo-sfl: the
-        dimension-free reconstruction) or the mean of their gradients (sfl). No client: no
-        step."""
+        dimension-free reconstruction; with ``client_active``, each client's (L, S) experts
+        of ``ho-sfl.active-experts``, per-parameter holder averages) or the mean of their
+        gradients (sfl). No client: no step."""
         params = self.split.client_parameters
+        shapes = [p.shape for p in params]
         if self.method.uses_directions:
             if not client_scalars:
                 return
-            grads = zo_gradient([p.shape for p in params], seeds, mean_scalars(client_scalars),
-                                self.method.mu)
+            if client_active:
+                keys = self.split.client_keys
+                grads = holder_mean_gradient(shapes, seeds, [
+                    (scalars, included_parameters(keys, active))
+                    for scalars, active in zip(client_scalars, client_active)], self.method.mu)
+            else:
+                grads = zo_gradient(shapes, seeds, mean_scalars(client_scalars),
+                                    self.method.mu)
         else:
             if not client_gradients:
                 return
