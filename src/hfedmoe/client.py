@@ -310,9 +310,9 @@ def run_split_exchange(config: RunConfig, partition_id: int, server_round: int, 
     params = set_trainable(adapter, config.model.trainable_non_expert)
     method = split_method(config)
     split = SplitModel(adapter, method.split_layer, params)
-    if set(client_part) != set(split.client_keys):
+    if set(client_part) != set(split.sent_keys):
         raise ValueError("the client part sent does not match this model's theta_c")
-    write_state({k: params[k] for k in split.client_keys}, client_part)
+    write_state({k: params[k] for k in split.sent_keys}, client_part)
     generator = torch.Generator().manual_seed(round_seed(config.seed, server_round,
                                                          partition_id))
     batch = next(batches(data.train, config.train.batch_size, generator))

@@ -94,6 +94,10 @@ class SplitModel:
         bottom = {id(p) for block in self.blocks[:self.split_layer] for p in block.parameters()}
         self.client_keys = sorted(k for k, p in self.trainable.items() if id(p) in bottom)
         self.server_keys = sorted(k for k in self.trainable if k not in set(self.client_keys))
+        # server-trained tensors the client part also uses: a head tied to the input
+        # embeddings (SmolLM2); sent to clients with theta_c, never perturbed by them
+        used = {id(p) for p in self._client_weights()}
+        self.synced_keys = sorted(k for k in self.server_keys if id(self.trainable[k]) in used)
         if not self.client_keys:
             raise ValueError(f"no trainable parameter in the first {self.split_layer} blocks: "
                              "the client part would have nothing to learn")
@@ -111,14 +115,23 @@ class SplitModel:
         inner = getattr(model, "hf_model", None) or model.backbone
         return int(inner.config.hidden_size)
 
-    def client_weight_bytes(self) -> int:
-        """Bytes of the client part's weights: the blocks below the cut and the embeddings
-        (parameters named ``*embed*`` outside the blocks), trainable or not."""
+    def _client_weights(self) -> list[nn.Parameter]:
+        """The client part's weights: the blocks below the cut and the embeddings (parameters
+        named ``*embed*`` outside the blocks), trainable or not."""
         blocks = {id(p) for block in self.blocks for p in block.parameters()}
         bottom = [p for block in self.blocks[:self.split_layer] for p in block.parameters()]
-        embeddings = [p for name, p in self.adapter.model.named_parameters()
-                      if id(p) not in blocks and "embed" in name]
-        return sum(p.numel() * p.element_size() for p in bottom + embeddings)
+        return bottom + [p for name, p in self.adapter.model.named_parameters(
+            remove_duplicate=False) if id(p) not in blocks and "embed" in name]
+
+    @property
+    def sent_keys(self) -> list[str]:
+        """What the server sends a client each round: theta_c and the synced tensors."""
+        return sorted(self.client_keys + self.synced_keys)
+
+    def client_weight_bytes(self) -> int:
+        """Bytes of the client part's weights (see ``_client_weights``)."""
+        unique = {id(p): p for p in self._client_weights()}
+        return sum(p.numel() * p.element_size() for p in unique.values())
 
     @property
     def client_parameters(self) -> list[nn.Parameter]:

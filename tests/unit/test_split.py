@@ -207,3 +207,19 @@ def test_excluded_parameters_are_not_perturbed_and_keep_the_shared_stream():
     (u_a, u_b) = gaussian_directions(9, [a.shape, b.shape])
     assert only_b == pytest.approx(float(u_b.sum()))  # b's part of the SAME direction
     assert both == pytest.approx(float(u_a.sum() + u_b.sum()))
+
+
+def test_a_head_tied_to_the_embeddings_is_sent_to_clients_not_perturbed():
+    config = parse_run_config({"model.name": "tiny:mixtral", "task": "causal-lm"})
+    from hfedmoe.client import build_model
+
+    adapter = build_model(config, 0)
+    trainable = set_trainable(adapter, "head")  # the head: "shared.lm_head.weight"
+    hf = adapter.model.hf_model
+    hf.get_input_embeddings().weight = hf.get_output_embeddings().weight  # tie, as SmolLM2
+    split = SplitModel(adapter, 1, trainable)
+    assert split.synced_keys == ["shared.lm_head.weight"]
+    assert "shared.lm_head.weight" not in split.client_keys  # the server trains it
+    assert split.sent_keys == sorted(split.client_keys + ["shared.lm_head.weight"])
+    untied = _split("mixtral")
+    assert untied.synced_keys == [] and untied.sent_keys == untied.client_keys

@@ -47,8 +47,9 @@ Split learning (methods ho-sfl, sfl, zo-sfl; hfedmoe.strategies.ho_sfl), message
   instruction ``"plan"`` ConfigRecord - ``server-round``, ``run-config``, ``phase``
                                (``forward`` | ``perturbed`` | ``zo`` | ``gradient``),
                                ``seeds`` (the round's P direction seeds; perturbed, zo)
-  instruction ``"client-part"`` ArrayRecord - theta_c, the client part's trainable tensors
-                               (forward, perturbed)
+  instruction ``"client-part"`` ArrayRecord - theta_c, the client part's trainable tensors,
+                               and the server-trained tensors it also uses (a head tied to
+                               the input embeddings) (forward, perturbed)
   instruction ``"cut-gradient"`` ArrayRecord - ``lambda`` (B, T, H): dL/dz of this client's
                                batch (zo, gradient)
   reply ``"activations"`` ArrayRecord - ``z`` (B, T, H) cut-layer activations (perturbed: also

@@ -57,7 +57,7 @@ class SplitStrategy(PlannedStrategy):
         node_ids = self.sample_round(grid, server_round)
         seeds = (direction_seeds(self._config.seed, server_round, method.directions)
                  if method.uses_directions else [])
-        client_part = records.to_array_record(read_state(self._params, split.client_keys))
+        client_part = records.to_array_record(read_state(self._params, split.sent_keys))
         first = method.phases[0]
         content = records.split_instruction(server_round, self._flat_config, first,
                                             client_part, seeds=seeds)
