@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from hfedmoe.checkpoint import load_latest
 from hfedmoe.cli import main
-from hfedmoe.config import METHODS, load_config_file, parse_run_config
+from hfedmoe.config import METHODS, SPLIT_METHODS, load_config_file, parse_run_config
 from hfedmoe.federation.grids import InProcessGrid
 from hfedmoe.federation.client_app import make_client_app
 from hfedmoe.federation.server_app import run_server
@@ -77,6 +77,11 @@ def test_every_method_runs_on_causal_lm_within_its_budgets(tmp_path, method):
     assert summary["trained_rounds"] == 1, method
     assert summary["final_loss"] < summary["loss_by_round"][0], method
     clients = summary["clients"]
+    if method in SPLIT_METHODS:  # no budgets: every client's part is the same cut
+        # (block 0: 8 experts); activations of (B, T) token labels went up
+        assert [c["max_active_experts_per_batch"] for c in clients] == [8, 8, 8, 8]
+        assert summary["bytes_up_activations"] > 0
+        return
     assert [c["budget_experts"] for c in clients] == [2, 4, 16, 2]
     ignores_budgets = method in ("fedavg", "fedavg-full", "fedalign")
     assert all(c["within_budget"] for c in clients) != ignores_budgets, clients
