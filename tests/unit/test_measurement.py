@@ -1,6 +1,8 @@
 """The meters against tensors whose sizes are known, and FLOP counts against hand counts."""
 
-import gc
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -90,14 +92,12 @@ def _statm_resident_bytes() -> int:
 
 
 def test_process_memory_is_the_resident_set_and_its_peak():
-    # the garbage of earlier tests (models) must not be freed inside the measured window:
-    # in the full suite a collection there once hid 45 MiB of the block's growth
-    gc.collect()
-    gc.disable()
-    try:
-        _measure_a_block()
-    finally:
-        gc.enable()
+    # in a fresh interpreter: in the full suite, the garbage and allocator state of earlier
+    # tests once hid 45 MiB of the block's growth, and once kept the freed block resident
+    code = ("import gc; gc.disable(); from tests.unit.test_measurement import "
+            "_measure_a_block; _measure_a_block()")
+    subprocess.run([sys.executable, "-c", code], check=True,
+                   cwd=Path(__file__).resolve().parents[2])
 
 
 def _measure_a_block() -> None:

@@ -155,7 +155,10 @@ class SparseExperts(nn.Module):
         # the input gradient of rows past the last offset unwritten
         rows = torch.where(kept[:, None], hidden_states[token], 0.0)  # (tokens * k, H)
         out = type(self.experts[0]).grouped_forward(list(self.experts), rows, counts)
-        weighted = torch.where(kept[:, None], out * top_k_weights[token, slot, None], 0.0)
+        # masked BEFORE the product: rows past the last offset hold whatever memory was
+        # there (NaN possible), and 0 * NaN in the routing weights' gradient is NaN
+        out = torch.where(kept[:, None], out, 0.0)
+        weighted = out * top_k_weights[token, slot, None]
         output = torch.zeros_like(hidden_states)
         output.index_add_(0, token, weighted.to(output.dtype))
         return output
