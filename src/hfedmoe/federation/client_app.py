@@ -15,6 +15,7 @@ from hfedmoe.config import RunConfig, parse_run_config
 from hfedmoe.measurement import process_memory
 from hfedmoe.federation import records
 from hfedmoe.personal_store import CLIENT_STATE_DIR, PersonalStore, rounds_to_keep
+from hfedmoe.strategies.ho_sfl import split_method
 
 
 def node_partition(context: Context, config: RunConfig) -> int:
@@ -85,8 +86,9 @@ def make_client_app() -> ClientApp:
         config = parse_run_config(instruction.run_config)
         partition_id = node_partition(context, config)
         torch.set_num_threads(config.simulation.client_cpus)
-        last = instruction.phase in ("zo", "gradient", "perturbed")  # the round's last exchange
-        if last:  # testing only: a failing client drops after sending its activations
+        # testing only: a failing client fails in the round's last exchange (two-exchange
+        # methods: after sending its activations)
+        if instruction.phase == split_method(config).phases[-1]:
             faults.inject_failure(config, partition_id, instruction.server_round)
         if instruction.client_part is not None:
             client_part = instruction.client_part

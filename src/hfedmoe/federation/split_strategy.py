@@ -96,6 +96,7 @@ class SplitStrategy(PlannedStrategy):
         gradients: list[Mapping[str, torch.Tensor]] = []
         if len(method.phases) > 1:
             second = method.phases[1]
+            theta = read_state(self._params, split.client_keys)  # gradients' reference shapes
             messages = {}
             for node_id, (_, _, lam) in accepted.items():
                 messages[node_id] = records.split_instruction(
@@ -119,8 +120,7 @@ class SplitStrategy(PlannedStrategy):
                         active[node_id] = reply.active
                 else:
                     try:
-                        validation.check_tensors(reply.gradient,
-                                                 read_state(self._params, split.client_keys))
+                        validation.check_tensors(reply.gradient, theta)
                     except ValueError as exc:
                         failures.append(self._failure(node_id, f"rejected gradient: {exc}"))
                         del updates_up[node_id]
