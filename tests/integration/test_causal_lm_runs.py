@@ -85,3 +85,40 @@ def test_every_method_runs_on_causal_lm_within_its_budgets(tmp_path, method):
     assert [c["budget_experts"] for c in clients] == [2, 4, 16, 2]
     ignores_budgets = method in ("fedavg", "fedavg-full", "fedalign")
     assert all(c["within_budget"] for c in clients) != ignores_budgets, clients
+
+
+@pytest.mark.parametrize("aggregation", ["factors", "frozen-a"])
+def test_lora_run_leaves_a_merged_model_and_an_adapter_peft_loads(tmp_path, aggregation):
+    """A LoRA run's final-model/ is the merged model, final-model/base the base it started
+    from and final-model/adapter a peft adapter: peft's model on the base and the merged model
+    both reproduce hfedmoe's own logits of the final global state (LoRA unmerged)."""
+    from peft import PeftModel
+
+    config, _ = run(tmp_path, method="hfedmoe", **{
+        "num-server-rounds": 1, "train.local-steps": 4, "generate.examples": 0,
+        "budget.experts": "4,8,16", "train.adapter": "lora", "lora.rank": 4,
+        "lora.aggregation": aggregation})
+    folder = tmp_path / "run" / "final-model"
+    adapter = task_for("causal-lm").build_adapter(config.model, 0, config.seed)
+    adapter.attach_lora(config.lora.settings(), config.seed)
+    final = load_latest(tmp_path / "run" / "checkpoints").global_state
+    write_state(set_trainable(adapter, config.model.trainable_non_expert), final)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    batch = tokenizer(["What is the capital of France?", "Name a prime number."],
+                      return_tensors="pt", padding=True, return_token_type_ids=False)
+    base = AutoModelForCausalLM.from_pretrained(folder / "base").eval()
+    with torch.no_grad():
+        ours = adapter.model(batch["input_ids"], batch["attention_mask"])
+        merged = AutoModelForCausalLM.from_pretrained(folder).eval()(**batch).logits
+        before = base(**batch).logits
+        peft_model = PeftModel.from_pretrained(base, folder / "adapter").eval()
+        theirs = peft_model(**batch).logits
+    real = batch["attention_mask"].bool()
+    assert torch.allclose(ours[real], merged[real], atol=1e-4)
+    assert torch.allclose(ours[real], theirs[real], atol=1e-4)
+    assert (ours[real] - before[real]).abs().max() > 1e-2  # the adapter changes the model
+    # the adapter holds the experts' factors and the trained modules, not the base weights
+    lora_params = [n for n, _ in peft_model.named_parameters() if ".lora_" in n]
+    assert len(lora_params) == 2 * 2 * adapter.geometry.num_layers  # A, B x 2 projections
+    size = (folder / "adapter" / "adapter_model.safetensors").stat().st_size
+    assert size < (folder / "base" / "model.safetensors").stat().st_size

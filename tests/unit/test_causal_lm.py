@@ -107,6 +107,38 @@ def test_export_loads_with_stock_transformers_and_computes_the_same_logits(tmp_p
     assert reloaded.config.model_type == family and reloaded.config.use_cache
 
 
+
+@pytest.mark.parametrize("family", FUSED_FAMILIES)
+def test_peft_loads_the_lora_adapter_export_with_the_same_logits(tmp_path, family):
+    """Every expert's own (random) factors, re-laid out into peft's fused-expert LoRA: peft's
+    model on the exported base computes hfedmoe's logits (the routers, trained, travel whole)."""
+    from peft import PeftModel
+
+    from hfedmoe.model.lora import LoRASettings
+    from hfedmoe.model.peft_export import export_peft_adapter
+
+    adapter = lm_adapter(family)
+    tokenizer = load_tokenizer(lm_config(family).model)
+    export_causal_lm(adapter.model, adapter.banks, tokenizer, tmp_path / "base")
+    settings = LoRASettings(rank=4, alpha=6.0, dropout=0.0)
+    adapter.attach_lora(settings, seed=0)
+    params = set_trainable(adapter, "head")
+    with torch.no_grad():  # trained-looking: every B non-zero, routers moved
+        for p in params.values():
+            p.add_(0.05 * torch.randn_like(p))
+    export_peft_adapter(adapter.model.hf_model, adapter.banks, params.values(), settings,
+                        tmp_path / "base", tmp_path / "adapter")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base").eval()
+    ids, mask, _ = batch_with_labels()
+    with torch.no_grad():
+        ours = adapter.model(ids, mask)
+        before = base(input_ids=ids, attention_mask=mask).logits
+        theirs = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()(
+            input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert torch.allclose(ours[real], theirs[real], atol=1e-4)
+    assert (ours[real] - before[real]).abs().max() > 1e-2
+
 def test_usable_corpus_drops_pairs_whose_prompt_fills_max_length():
     tokenizer = load_tokenizer(lm_config().model)
     long = "word " * 80

@@ -162,7 +162,6 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
                            policy=RoundPolicy.from_config(config.federation),
                            evaluate_fn=evaluate_global, after_round=save)
     write_state(params, records.from_array_record(final))
-    adapter.merge_lora()  # any LoRA factors folded into the weights: a plain model to load
     task.export(adapter, prepared.tokenizer, Path(config.out) / FINAL_MODEL_DIR, config,
                 prepared.corpus.label_names)
     return recorder.finish(earlier_seconds + time.perf_counter() - started)

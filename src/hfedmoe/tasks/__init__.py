@@ -75,7 +75,8 @@ class Task(Protocol):
 
     def export(self, adapter: MoEAdapter, tokenizer: Any, folder: Path, config: RunConfig,
                labels: Sequence[str]) -> Path:
-        """Write the model as users load it (README, "The final model"); returns ``folder``."""
+        """Write the model as users load it (README, "The final model"), any LoRA factors
+        merged into the weights (the adapter may go beside it); returns ``folder``."""
         ...
 
 

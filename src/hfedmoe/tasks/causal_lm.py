@@ -22,7 +22,8 @@ ROUGE-L F1 (Google's ``rouge-score``, its default tokenizer: lower-cased ASCII a
 words, no stemming).
 
 Final model: a stock transformers folder of the model's own family (the experts folded back
-into its fused layout), which ``AutoModelForCausalLM`` loads without hfedmoe.
+into its fused layout), which ``AutoModelForCausalLM`` loads without hfedmoe; after a LoRA run
+also the base model and the adapter in peft's format (:meth:`CausalLMTask.export`).
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ from hfedmoe.data.tokenize import TokenizedSet, eval_batches
 from hfedmoe.model import load_adapter
 from hfedmoe.model.adapter import MoEAdapter
 from hfedmoe.model.causal_lm import export_causal_lm, greedy_generate
+from hfedmoe.model.peft_export import export_peft_adapter
+from hfedmoe.model.state import trainable_parameters
 from hfedmoe.tasks import Evaluation, GenerationReport
+
+BASE_DIR = "base"  # <final-model>/base: a LoRA run's base model (stock transformers)
+ADAPTER_DIR = "adapter"  # <final-model>/adapter: its LoRA adapter in peft's format
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -150,5 +156,17 @@ class CausalLMTask:
     def export(self, adapter: MoEAdapter, tokenizer: Any, folder: Path, config: RunConfig,
                labels: Sequence[str]) -> Path:
         """A stock transformers folder: ``AutoModelForCausalLM.from_pretrained(folder)`` and
-        ``AutoTokenizer.from_pretrained(folder)`` load it (``hfedmoe generate`` does)."""
+        ``AutoTokenizer.from_pretrained(folder)`` load it (``hfedmoe generate`` does); the
+        LoRA factors, if any, merged into the expert weights. A LoRA run also writes
+        ``folder/base`` (the run's base model, rebuilt from the config: the seeded model every
+        process started from) and ``folder/adapter`` (peft's format,
+        hfedmoe.model.peft_export) that ``PeftModel.from_pretrained`` loads on it."""
+        if config.train.adapter == "lora":
+            base = self.build_adapter(config.model, 0, config.seed)
+            export_causal_lm(base.model, base.banks, tokenizer, folder / BASE_DIR)
+            del base
+            trained = trainable_parameters(adapter, config.model.trainable_non_expert).values()
+            export_peft_adapter(adapter.model.hf_model, adapter.banks, trained,
+                                config.lora.settings(), folder / BASE_DIR, folder / ADAPTER_DIR)
+        adapter.merge_lora()
         return export_causal_lm(adapter.model, adapter.banks, tokenizer, folder)

@@ -66,5 +66,8 @@ class ClassificationTask:
 
     def export(self, adapter: MoEAdapter, tokenizer: Any, folder: Path, config: RunConfig,
                labels: Sequence[str]) -> Path:
-        """hfedmoe's classifier format (hfedmoe.model.export; ``hfedmoe predict`` loads it)."""
+        """hfedmoe's classifier format (hfedmoe.model.export; ``hfedmoe predict`` loads it),
+        any LoRA factors merged into the expert weights (no peft adapter: peft has no class for
+        hfedmoe's pooled classifier)."""
+        adapter.merge_lora()
         return export_classifier(adapter, tokenizer, folder, config.model, config.seed, labels)
