@@ -33,7 +33,7 @@ _CHUNK_BYTES = 1 << 20
 
 def corpus_fingerprint(corpus: Corpus) -> str:
     """SHA-256 of the corpus content: label names, then each split's (label, text) rows and,
-    for instruction data, their responses."""
+    for instruction data, their responses (and the earlier turns of multi-turn chats)."""
     digest = hashlib.sha256()
     _feed(digest, "labels", *corpus.label_names)
     for name, split in (("train", corpus.train), ("test", corpus.test)):
@@ -42,6 +42,9 @@ def corpus_fingerprint(corpus: Corpus) -> str:
             _feed(digest, str(label), text)
         if split.responses:
             _feed(digest, "responses", *split.responses)
+        if split.contexts:  # multi-turn chats: the earlier turns too
+            _feed(digest, "contexts", *(f"{role}\x00{content}" for context in split.contexts
+                                        for role, content in context + (("end", ""),)))
     return digest.hexdigest()
 
 

@@ -30,14 +30,17 @@ def write_jsonl(path, rows):
 
 
 @pytest.mark.parametrize("row, expected", [
-    ({"instruction": "Add", "input": "2 and 3", "output": "5"}, ("Add\n\n2 and 3", "5")),
-    ({"instruction": "Say hi", "input": "", "output": "hi"}, ("Say hi", "hi")),
-    ({"prompt": "p", "response": "r"}, ("p", "r")),
-    ({"prompt": "p", "completion": "c"}, ("p", "c")),
-    ({"question": "q", "answer": "a"}, ("q", "a")),
+    ({"instruction": "Add", "input": "2 and 3", "output": "5"}, ("Add\n\n2 and 3", "5", ())),
+    ({"instruction": "Say hi", "input": "", "output": "hi"}, ("Say hi", "hi", ())),
+    ({"prompt": "p", "response": "r"}, ("p", "r", ())),
+    ({"prompt": "p", "completion": "c"}, ("p", "c", ())),
+    ({"question": "q", "answer": "a"}, ("q", "a", ())),
     ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "u1"},
                    {"role": "assistant", "content": "a1"}, {"role": "user", "content": "u2"},
-                   {"role": "assistant", "content": "a2"}]}, ("u2", "a2")),
+                   {"role": "assistant", "content": "a2"}, {"role": "user", "content": "u3"}]},
+     ("u2", "a2", (("system", "s"), ("user", "u1"), ("assistant", "a1")))),
+    ({"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "a"}]},
+     ("u", "a", ())),
 ])
 def test_the_common_row_shapes_give_their_pair(row, expected):
     assert row_pair(row, "row 0") == expected
@@ -47,6 +50,10 @@ def test_the_common_row_shapes_give_their_pair(row, expected):
     ({"text": "t", "label": "x"}, "no instruction fields"),
     ({"messages": [{"role": "user", "content": "u"}]}, "no user turn followed by"),
     ({"messages": "hello"}, "must be a list of objects"),
+    ({"messages": [{"role": "tool", "content": "t"}, {"role": "user", "content": "u"},
+                   {"role": "assistant", "content": "a"}]}, "turn 1 has role 'tool'"),
+    ({"messages": [{"role": "user", "content": 3}, {"role": "user", "content": "u"},
+                   {"role": "assistant", "content": "a"}]}, "turn 1 has content a number"),
     ({"prompt": 5, "response": "r"}, "field 'prompt' is a number"),
 ])
 def test_rows_without_a_pair_are_one_line_errors(row, message):
@@ -149,3 +156,33 @@ def test_wordnet_instructions_define_words_from_the_fixture():
 def test_quiz_is_refused_for_classification():
     with pytest.raises(Exception, match="'quiz' only with task = 'causal-lm'"):
         parse_run_config({"data.source": "quiz"})
+
+
+def test_multi_turn_chats_keep_their_context_through_split_subset_and_fingerprint():
+    from hfedmoe.fingerprint import corpus_fingerprint
+
+    def chat(i, earlier):
+        return {"messages": [{"role": "user", "content": f"u{i}"},
+                             {"role": "assistant", "content": earlier},
+                             {"role": "user", "content": f"v{i}"},
+                             {"role": "assistant", "content": f"b{i}"}]}
+
+    rows = [chat(i, f"a{i}") for i in range(10)]
+    corpus = rows_to_instruction_corpus(rows, data_cfg(), "x.jsonl")
+    for split in (corpus.train, corpus.test):
+        assert len(split.contexts) == len(split)
+        for prompt, response, context in zip(split.texts, split.responses, split.contexts):
+            i = prompt[1:]
+            assert response == f"b{i}" and context == (("user", f"u{i}"), ("assistant", f"a{i}"))
+    first = corpus.train.subset([1])
+    assert first.contexts == (corpus.train.contexts[1],)
+    # the same pairs after a different earlier turn are different examples, with another hash
+    changed = rows_to_instruction_corpus([chat(i, f"a{i}" if i else "other") for i in range(10)],
+                                         data_cfg(), "x.jsonl")
+    assert corpus_fingerprint(changed) != corpus_fingerprint(corpus)
+    both = rows_to_instruction_corpus(rows + [chat(0, "other")], data_cfg(), "x.jsonl")
+    assert len(both.train) + len(both.test) == 11
+    # single-turn data keeps no contexts (and the splits it always had)
+    plain = rows_to_instruction_corpus([{"prompt": f"p{i}", "response": "r"} for i in range(5)],
+                                       data_cfg(), "x.jsonl")
+    assert plain.train.contexts == () and plain.test.contexts == ()

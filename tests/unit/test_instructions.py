@@ -93,3 +93,60 @@ def test_labels_are_the_input_ids_unshifted_where_learned(chat_tokenizer):
     learned = data.labels != IGNORE_INDEX
     assert learned.any(dim=1).all()
     assert torch.equal(data.labels[learned], data.input_ids[learned])
+
+
+CHAT = InstructionPair("And of Italy?", "Rome.", context=(
+    ("system", "Answer in one word."), ("user", "What is the capital of France?"),
+    ("assistant", "Paris.")))
+
+
+def learned_spans(tokenizer, data, row: int) -> list[str]:
+    """The decoded runs of consecutive learned positions of ``row``."""
+    keep = (data.labels[row] != IGNORE_INDEX).tolist()
+    spans, start = [], None
+    for i, flag in enumerate(keep + [False]):
+        if flag and start is None:
+            start = i
+        elif not flag and start is not None:
+            spans.append(tokenizer.decode(data.labels[row][start:i]))
+            start = None
+    return spans
+
+
+def test_multi_turn_chat_learns_every_assistant_turn_and_masks_the_rest(chat_tokenizer):
+    data = tokenize_instructions([CHAT], chat_tokenizer, max_length=256)
+    messages = [{"role": r, "content": c} for r, c in CHAT.turns()]
+    text = chat_tokenizer.apply_chat_template(messages, tokenize=False)
+    n = int(data.attention_mask[0].sum())
+    assert data.input_ids[0, :n].tolist() == chat_tokenizer(text, add_special_tokens=False)[
+        "input_ids"]  # the whole conversation, rendered by the template in one piece
+    assert [s.strip() for s in learned_spans(chat_tokenizer, data, 0)] == [
+        "Paris.<|im_end|>", "Rome.<|im_end|>"]
+    # generation starts where the last assistant turn starts: the rest of the conversation
+    from hfedmoe.data.instructions import prompt_token_ids
+
+    prompt = prompt_token_ids(chat_tokenizer, CHAT.prompt, CHAT.context)
+    assert data.input_ids[0, : len(prompt)].tolist() == prompt
+    assert (data.labels[0, len(prompt) - 3: len(prompt)] == IGNORE_INDEX).all()
+    assert data.labels[0, len(prompt)] != IGNORE_INDEX
+
+
+def test_multi_turn_plain_format_learns_every_assistant_turn(plain_tokenizer):
+    plain_tokenizer.eos_token = plain_tokenizer.sep_token
+    data = tokenize_instructions([CHAT], plain_tokenizer, max_length=128)
+    assert learned_spans(plain_tokenizer, data, 0) == ["paris. [SEP]", "rome. [SEP]"]
+    n = int(data.attention_mask[0].sum())
+    text = plain_tokenizer.decode(data.input_ids[0, :n])
+    assert text.startswith("[CLS] answer in one word. # # # instruction")  # system turn first
+    assert text.count("[CLS]") == 1  # special tokens only at the start of the conversation
+
+
+def test_a_chat_cut_by_max_length_keeps_its_earlier_turns_learned(chat_tokenizer):
+    full = tokenize_instructions([CHAT], chat_tokenizer, max_length=256)
+    learned = (full.labels[0] != IGNORE_INDEX).nonzero().flatten().tolist()
+    first_end = next(i for a, i in zip(learned, learned[1:]) if i != a + 1)  # 2nd turn starts
+    cut = tokenize_instructions([CHAT], chat_tokenizer, max_length=first_end - 2)
+    assert len(cut) == 1 and [s.strip() for s in learned_spans(chat_tokenizer, cut, 0)] == [
+        "Paris.<|im_end|>"]
+    with pytest.raises(DataError, match="no instruction pair fits"):  # no learned token fits
+        tokenize_instructions([CHAT], chat_tokenizer, max_length=learned[0])

@@ -55,19 +55,24 @@ class TextDataset:
     Instruction data (task ``causal-lm``, :mod:`hfedmoe.data.instruct`): ``texts`` are the
     prompts, ``responses`` the answers to learn (one per prompt), and the labels name each
     example's group (a topic, a lexicographer file, or one group "all"), which the
-    partitioners split by. Classification data has no responses (``()``).
+    partitioners split by. Classification data has no responses (``()``). ``contexts``: the
+    earlier turns of each example's conversation, ``(role, content)`` pairs before the prompt
+    (multi-turn chats); ``()`` when no example has any.
     """
 
     texts: tuple[str, ...]
     labels: tuple[int, ...]
     label_names: tuple[str, ...]
     responses: tuple[str, ...] = ()
+    contexts: tuple[tuple[tuple[str, str], ...], ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.texts) != len(self.labels):
             raise DataError(f"{len(self.texts)} texts but {len(self.labels)} labels")
         if self.responses and len(self.responses) != len(self.texts):
             raise DataError(f"{len(self.texts)} prompts but {len(self.responses)} responses")
+        if self.contexts and len(self.contexts) != len(self.texts):
+            raise DataError(f"{len(self.texts)} prompts but {len(self.contexts)} contexts")
         num_classes = len(self.label_names)
         bad = [y for y in self.labels if not (type(y) is int and 0 <= y < num_classes)]
         if bad:
@@ -84,7 +89,8 @@ class TextDataset:
             raise DataError(f"index {bad[0]} is out of range for a dataset of {len(self)} examples")
         return TextDataset(tuple(self.texts[i] for i in rows), tuple(self.labels[i] for i in rows),
                            self.label_names,
-                           tuple(self.responses[i] for i in rows) if self.responses else ())
+                           tuple(self.responses[i] for i in rows) if self.responses else (),
+                           tuple(self.contexts[i] for i in rows) if self.contexts else ())
 
 
 @dataclass(frozen=True)

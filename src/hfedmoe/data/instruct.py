@@ -9,9 +9,11 @@ Sources (``data.source``):
 
 * ``file`` - a ``.jsonl`` or ``.csv`` file (same reading rules and one-line errors as the
   classification files, :func:`hfedmoe.data.corpora.load_file`). Each row in one of the common
-  shapes, recognised by its fields: ``messages`` (a chat: a list of ``{"role", "content"}``;
-  the last assistant turn is the response and the user turn before it the prompt; earlier
-  turns are not used), Alpaca's ``instruction`` (+ optional ``input``, appended after a blank
+  shapes, recognised by its fields: ``messages`` (a chat: a list of ``{"role", "content"}``
+  with roles ``system``, ``user``, ``assistant``; the last assistant turn is the response, the
+  user turn before it the prompt, and the turns before that prompt its context: a multi-turn
+  chat is one example whose every assistant turn is learned, hfedmoe.data.instructions; turns
+  after the last assistant turn, or between it and its user turn, are not used), Alpaca's ``instruction`` (+ optional ``input``, appended after a blank
   line) and ``output``, ``prompt`` and ``response`` (or ``completion``), ``question`` and
   ``answer``. ``data.label-field``, when rows have it, names the group; ``split``
   (train/test) as for classification.
@@ -25,9 +27,10 @@ Sources (``data.source``):
 * ``hf`` - a Hugging Face dataset with the same row shapes (network permitting).
 
 Rows whose prompt or response is empty are dropped and reported in ``Corpus.notes``; a
-non-string value raises DataError naming the row. Pairs are de-duplicated on (prompt,
-response) and split like classification texts: ``round(test_fraction * n_g)`` pairs of each
-group to test, ranked by a hash of the pair, so the split depends on the data alone.
+non-string value raises DataError naming the row. Pairs are de-duplicated on (context,
+prompt, response) and split like classification texts: ``round(test_fraction * n_g)`` pairs
+of each group to test, ranked by a hash of the pair (and its context, when it has one), so
+the split depends on the data alone.
 """
 
 from __future__ import annotations
@@ -59,6 +62,8 @@ from hfedmoe.data.corpora import (
 )
 
 SINGLE_GROUP = "all"
+ROLES = ("system", "user", "assistant")  # the chat roles a conversation may use
+Context = tuple[tuple[str, str], ...]  # the (role, content) turns before a prompt
 QUIZ_FOLDER = Path("/usr/share/games/bsdgames/quiz")
 QUIZ_HINT = "install it with `make bench-setup` (or: apt-get install bsdgames)"
 POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
@@ -81,9 +86,9 @@ def load_instruction_corpus(cfg: DataConfig) -> Corpus:
 
 # --- rows -> pairs --------------------------------------------------------------------------
 
-def row_pair(row: Mapping[str, Any], at: str) -> tuple[Any, Any]:
-    """(prompt, response) of one row in a shape of the module docstring; DataError if the row
-    has none of them."""
+def row_pair(row: Mapping[str, Any], at: str) -> tuple[Any, Any, Context]:
+    """(prompt, response, context) of one row in a shape of the module docstring (the context:
+    a chat's turns before the prompt, else ``()``); DataError if the row has none of them."""
     if "messages" in row:
         return _chat_pair(row["messages"], at)
     for prompt_fields, response_field in SHAPES:
@@ -94,13 +99,13 @@ def row_pair(row: Mapping[str, Any], at: str) -> tuple[Any, Any]:
             _check_string(extra, at, prompt_fields[1] if len(prompt_fields) > 1 else "")
             if isinstance(prompt, str) and isinstance(extra, str) and extra.strip():
                 prompt = f"{prompt}\n\n{extra}"
-            return prompt, row[response_field]
+            return prompt, row[response_field], ()
     raise DataError(f"{at}: no instruction fields; expected 'messages', 'instruction' + "
                     "'output', 'prompt' + 'response' (or 'completion'), or 'question' + "
                     f"'answer'; fields: {', '.join(map(str, row)) or 'none'}")
 
 
-def _chat_pair(messages: Any, at: str) -> tuple[Any, Any]:
+def _chat_pair(messages: Any, at: str) -> tuple[Any, Any, Context]:
     if not isinstance(messages, list) or not all(
             isinstance(m, Mapping) and "role" in m and "content" in m for m in messages):
         raise DataError(f"{at}: field 'messages' must be a list of objects with 'role' and "
@@ -110,7 +115,17 @@ def _chat_pair(messages: Any, at: str) -> tuple[Any, Any]:
                default=None)
     if last is None or user is None:
         raise DataError(f"{at}: field 'messages' has no user turn followed by an assistant turn")
-    return messages[user]["content"], messages[last]["content"]
+    context = []
+    for turn, message in enumerate(messages[:user], start=1):
+        role, content = message["role"], message["content"]
+        if role not in ROLES:
+            raise DataError(f"{at}: field 'messages' turn {turn} has role {role!r}; expected "
+                            f"one of {', '.join(ROLES)}")
+        if not isinstance(content, str):
+            raise DataError(f"{at}: field 'messages' turn {turn} has content "
+                            f"{_kind(content)}, not a string")
+        context.append((role, content))
+    return messages[user]["content"], messages[last]["content"], tuple(context)
 
 
 def _check_string(value: Any, at: str, field: str) -> None:
@@ -125,13 +140,13 @@ def rows_to_instruction_corpus(rows: Sequence[Mapping[str, Any]], cfg: DataConfi
     places = _default_places(lines, len(rows))
     grouped = any(cfg.label_field in row for row in rows)
     has_split = any(SPLIT_COLUMN in row for row in rows)
-    prompts, responses, groups, splits, dropped = [], [], [], [], []
+    prompts, responses, contexts, groups, splits, dropped = [], [], [], [], [], []
     for row, place in zip(rows, places):
         at = _at(origin, place)
         for field, needed in ((cfg.label_field, grouped), (SPLIT_COLUMN, has_split)):
             if needed and field not in row:
                 raise DataError(f"{at}: field '{field}' is missing (other rows have one)")
-        prompt, response = row_pair(row, at)
+        prompt, response, context = row_pair(row, at)
         _check_string(prompt, at, "prompt")
         _check_string(response, at, "response")
         if not (prompt or "").strip() or not (response or "").strip():
@@ -139,17 +154,18 @@ def rows_to_instruction_corpus(rows: Sequence[Mapping[str, Any]], cfg: DataConfi
             continue
         prompts.append(prompt)
         responses.append(response)
+        contexts.append(context)
         groups.append(_label_name(row[cfg.label_field], at, cfg.label_field) if grouped
                       else SINGLE_GROUP)
         splits.append(_split_name(row[SPLIT_COLUMN], at) if has_split else None)
     if not prompts:
         raise DataError(f"{origin}: every row has an empty prompt or response")
     ids, names = group_ids(groups)
-    corpus = (split_pairs(prompts, responses, ids, names, cfg.test_fraction) if not has_split
-              else _corpus([(p, r, g) for p, r, g, s in zip(prompts, responses, ids, splits)
-                            if s == "train"],
-                           [(p, r, g) for p, r, g, s in zip(prompts, responses, ids, splits)
-                            if s == "test"], names))
+    rows_ = list(zip(prompts, responses, ids, contexts))
+    corpus = (split_pairs(prompts, responses, ids, names, cfg.test_fraction, contexts)
+              if not has_split
+              else _corpus([r for r, s in zip(rows_, splits) if s == "train"],
+                           [r for r, s in zip(rows_, splits) if s == "test"], names))
     notes = (f"{origin}: dropped {len(dropped)} row{'s' if len(dropped) > 1 else ''} with an "
              f"empty prompt or response ({_places_text(dropped)})",) if dropped else ()
     return dataclasses.replace(corpus, notes=notes)
@@ -163,41 +179,49 @@ def group_ids(names: Sequence[str]) -> tuple[list[int], tuple[str, ...]]:
     return [index[n] for n in names], ordered
 
 
-def _pair_key(prompt: str, response: str) -> tuple[bytes, str, str]:
-    digest = hashlib.blake2b(f"{prompt}\x00{response}".encode("utf-8"), digest_size=8).digest()
+def _pair_key(prompt: str, response: str, context: Context = ()) -> tuple[bytes, str, str]:
+    text = f"{prompt}\x00{response}"
+    if context:  # single-turn pairs keep the keys (and splits) they always had
+        text += "".join(f"\x00{role}\x00{content}" for role, content in context)
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
     return digest, prompt, response
 
 
 def split_pairs(prompts: Sequence[str], responses: Sequence[str], groups: Sequence[int],
-                group_names: tuple[str, ...], test_fraction: float) -> Corpus:
-    """De-duplicate (prompt, response) pairs (first group wins), then send
-    ``round(test_fraction * n_g)`` pairs of each group g to test, ranked by a hash of the pair:
-    the split depends on the data alone. Both splits are ordered by that hash."""
-    first: dict[tuple[str, str], int] = {}
-    for prompt, response, group in zip(prompts, responses, groups):
-        first.setdefault((prompt, response), group)
-    per_group: list[list[tuple[str, str]]] = [[] for _ in group_names]
-    for pair, group in first.items():
-        per_group[group].append(pair)
+                group_names: tuple[str, ...], test_fraction: float,
+                contexts: Sequence[Context] | None = None) -> Corpus:
+    """De-duplicate (context, prompt, response) examples (first group wins), then send
+    ``round(test_fraction * n_g)`` of each group g to test, ranked by a hash of the pair and
+    its context: the split depends on the data alone. Both splits are ordered by that hash."""
+    contexts = contexts if contexts is not None else [()] * len(prompts)
+    first: dict[tuple[str, str, Context], int] = {}
+    for prompt, response, group, context in zip(prompts, responses, groups, contexts):
+        first.setdefault((prompt, response, context), group)
+    per_group: list[list[tuple[str, str, Context]]] = [[] for _ in group_names]
+    for example, group in first.items():
+        per_group[group].append(example)
     train, test = [], []
     for group, members in enumerate(per_group):
-        members.sort(key=lambda pair: _pair_key(*pair))
+        members.sort(key=lambda example: _pair_key(*example))
         num_test = math.floor(test_fraction * len(members) + 0.5)
-        test += [(p, r, group) for p, r in members[:num_test]]
-        train += [(p, r, group) for p, r in members[num_test:]]
+        test += [(p, r, group, c) for p, r, c in members[:num_test]]
+        train += [(p, r, group, c) for p, r, c in members[num_test:]]
     return _corpus(train, test, group_names)
 
 
-def _corpus(train: list[tuple[str, str, int]], test: list[tuple[str, str, int]],
+def _corpus(train: list[tuple[str, str, int, Context]], test: list[tuple[str, str, int, Context]],
             names: tuple[str, ...]) -> Corpus:
+    """rows (prompt, response, group id, context) -> a corpus, each split ordered by hash."""
     for name, rows in (("train", train), ("test", test)):
         if not rows:
             raise DataError(f"the {name} split is empty; adjust data.test-fraction or the data")
     datasets_ = []
     for rows in (train, test):
-        rows = sorted(rows, key=lambda row: _pair_key(row[0], row[1]))
+        rows = sorted(rows, key=lambda row: _pair_key(row[0], row[1], row[3]))
+        multi_turn = any(row[3] for row in rows)
         datasets_.append(TextDataset(tuple(r[0] for r in rows), tuple(r[2] for r in rows), names,
-                                     tuple(r[1] for r in rows)))
+                                     tuple(r[1] for r in rows),
+                                     tuple(r[3] for r in rows) if multi_turn else ()))
     return Corpus(datasets_[0], datasets_[1], names)
 
 

@@ -44,6 +44,7 @@ from hfedmoe.data.instructions import (
     InstructionPair,
     dataset_pairs,
     end_token_id,
+    first_learned,
     pair_token_ids,
     prompt_token_ids,
     tokenize_instructions,
@@ -88,8 +89,8 @@ class CausalLMTask:
         for name, split in (("train", corpus.train), ("test", corpus.test)):
             keep = []
             for i, pair in enumerate(dataset_pairs(split)):
-                ids, prompt_length = pair_token_ids(tokenizer, pair)
-                if prompt_length < min(len(ids), max_length):
+                ids, labels = pair_token_ids(tokenizer, pair)
+                if first_learned(labels) < min(len(ids), max_length):
                     keep.append(i)
             if not keep:
                 raise DataError(f"no {name} pair leaves room for a response token within "
@@ -140,7 +141,8 @@ class CausalLMTask:
             return None
         stops = {t for t in (tokenizer.eos_token_id, end_token_id(tokenizer)) if t is not None}
         answers = greedy_generate(adapter.model,
-                                  [prompt_token_ids(tokenizer, p.prompt) for p in pairs],
+                                  [prompt_token_ids(tokenizer, p.prompt, p.context)
+                                   for p in pairs],
                                   cfg.max_new_tokens, stops, tokenizer.pad_token_id)
         scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
         samples, exact, rouge = [], 0, 0.0
