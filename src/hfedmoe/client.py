@@ -34,6 +34,7 @@ from hfedmoe.calibration import Calibration
 from hfedmoe.config import RunConfig
 from hfedmoe.costs import client_budget
 from hfedmoe.data import Corpus, client_split
+from hfedmoe.data.packing import pack_examples
 from hfedmoe.data.partition import partition_indices
 from hfedmoe.data.tokenize import TokenizedSet, batches
 from hfedmoe.fingerprint import corpus_fingerprint
@@ -119,7 +120,10 @@ def client_datasets(config: RunConfig, partition_id: int, tokenizer=None,
     train_set, test_set = client_split(corpus, config.data, config.seed, partition_id,
                                        partitions)
     length = config.model.max_length
-    return ClientData(task.tokenize(train_set, tokenizer, length),
+    train = task.tokenize(train_set, tokenizer, length)
+    if config.train.packing:
+        train = pack_examples(train, length, tokenizer.pad_token_id)
+    return ClientData(train,
                       task.tokenize(test_set, tokenizer, length) if len(test_set) else None,
                       len(corpus.label_names))
 
@@ -237,7 +241,7 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
     settings = local_settings(config, seed)
     if not method.participates(budget, adapter.geometry):
         g = adapter.geometry
-        return ClientRound(budget, {}, skipped_round(len(data.train), g.num_layers,
+        return ClientRound(budget, {}, skipped_round(data.train.num_examples, g.num_layers,
                                                      g.num_experts), dict(personal or {}))
     plan = _plan(method, config, adapter, data.train, budget, seed, personal or {})
     result = train_locally(adapter, list(params.values()), data.train, settings, plan.selector,
@@ -330,4 +334,4 @@ def run_split_exchange(config: RunConfig, partition_id: int, server_round: int, 
                                            config.hfedmoe.beta)
         outputs = client_answer(method, split, phase, batch, seeds, cut_gradient, active)
     return SplitAnswer(outputs, batch["attention_mask"].cpu(), batch["labels"].cpu(),
-                       meter.peak_bytes, time.perf_counter() - start, len(data.train))
+                       meter.peak_bytes, time.perf_counter() - start, data.train.num_examples)

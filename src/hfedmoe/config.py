@@ -236,6 +236,7 @@ class TrainConfig:
     fraction_evaluate: float  # share of connected clients sampled for client-side evaluation
     evaluate_every: int  # client-side evaluation every k rounds (and the last round)
     adapter: str  # "none": experts train their weights; "lora": per-expert LoRA ([lora])
+    packing: bool  # causal-lm: several examples per row of model.max-length tokens
 
     def __post_init__(self) -> None:
         _choice("train.adapter", self.adapter, ADAPTERS)
@@ -478,6 +479,11 @@ class RunConfig:
         _choice("task", self.task, TASKS)
         _require(self.task == "causal-lm" or self.data.source != "quiz", "data.source",
                  self.data.source, "'quiz' only with task = 'causal-lm' (question -> answer pairs)")
+        _require(not self.train.packing or self.task == "causal-lm", "train.packing",
+                 self.train.packing, "false with task = 'classification' (one label per text)")
+        _require(not self.train.packing or self.method not in SPLIT_METHODS, "train.packing",
+                 self.train.packing, f"false with method '{self.method}' (split learning sends "
+                 "padded rows across the cut)")
         _require(self.num_server_rounds >= 1, "num-server-rounds", self.num_server_rounds,
                  "an integer >= 1")
         _require(self.seed >= 0, "seed", self.seed, "an integer >= 0")

@@ -126,13 +126,35 @@ def layer_sample_probabilities(probs: torch.Tensor, attention_mask: torch.Tensor
 
 def sample_means(probs: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B', S): per sample with at least one real token, the mean of its real tokens' rows of
-    ``probs`` (B*T, S), ``attention_mask`` (B, T); attached to the graph of ``probs``."""
-    mask = attention_mask.to(torch.float32)  # (B, T)
-    batch, seq = mask.shape
-    real = attention_mask.bool().any(dim=1)  # (B,)
+    ``probs`` (B*T, S), ``attention_mask`` (B, T); attached to the graph of ``probs``. A row
+    of a packed batch (mask values 1..k: its examples, hfedmoe.data.packing) holds k samples,
+    in row-major order, each its own mean."""
+    batch, seq = attention_mask.shape
     per_token = probs.reshape(batch, seq, -1)  # (B, T, S)
-    summed = torch.einsum("bts,bt->bs", per_token, mask)[real]  # (B', S)
-    return summed / mask[real].sum(dim=1, keepdim=True)
+    samples = int(attention_mask.amax()) if attention_mask.numel() else 0
+    if samples <= 1:  # one sample per row
+        mask = attention_mask.to(torch.float32)  # (B, T)
+        real = attention_mask.bool().any(dim=1)  # (B,)
+        summed = torch.einsum("bts,bt->bs", per_token, mask)[real]  # (B', S)
+        return summed / mask[real].sum(dim=1, keepdim=True)
+    slots = samples + 1  # segment 0 = padding
+    index = (torch.arange(batch, device=attention_mask.device).unsqueeze(1) * slots
+             + attention_mask).reshape(-1)  # (B*T,) sample slot of each token
+    flat = per_token.reshape(batch * seq, -1)
+    summed = flat.new_zeros(batch * slots, flat.shape[1]).index_add(0, index, flat)
+    counts = torch.zeros(batch * slots, device=flat.device).index_add(
+        0, index, torch.ones(batch * seq, device=flat.device))
+    keep = (counts > 0) & (torch.arange(batch * slots, device=flat.device) % slots != 0)
+    return summed[keep] / counts[keep].unsqueeze(1)  # (B', S)
+
+
+def forward_batch(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``model(input_ids, attention_mask)``, with the ``position_ids`` of a packed batch
+    (hfedmoe.data.packing) when it has them: the model's logits."""
+    if "position_ids" in batch:
+        return model(batch["input_ids"], batch["attention_mask"],
+                     position_ids=batch["position_ids"])
+    return model(batch["input_ids"], batch["attention_mask"])
 
 
 def load_balancing_loss(trace: RoutingTrace, attention_mask: torch.Tensor, num_experts: int
@@ -250,7 +272,7 @@ def train_locally(
                         selector.layer_chooser(trace, mask)))
                 elif not plain:
                     plan = stack.enter_context(adapter.deferred_expert_backward())
-                logits = model(batch["input_ids"], mask)  # (B, C) or (B, T, V)
+                logits = forward_batch(model, batch)  # (B, C) or (B, T, V)
                 task_loss = loss_fn(logits, batch["labels"])
                 loss = task_loss
                 if settings.aux_loss_coef > 0:
@@ -295,7 +317,7 @@ def train_locally(
     memory = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
               else measured_peak)
     return LocalTrainingResult(
-        num_examples=len(data),
+        num_examples=data.num_examples,
         train_loss=sum(losses) / len(losses),
         trained_experts=trained,
         usage=usage_sum / max(samples, 1),
@@ -348,7 +370,7 @@ def routing_counts(adapter: MoEAdapter, data: TokenizedSet, batch_size: int) -> 
     for batch in eval_batches(data, batch_size):
         batch = _to_device(batch, device)
         with adapter.trace_routing() as trace:
-            model(batch["input_ids"], batch["attention_mask"])
+            forward_batch(model, batch)
         counts += trace_counts(trace, batch["attention_mask"], geometry.num_experts)
     return counts
 

@@ -122,3 +122,22 @@ def test_lora_run_leaves_a_merged_model_and_an_adapter_peft_loads(tmp_path, aggr
     assert len(lora_params) == 2 * 2 * adapter.geometry.num_layers  # A, B x 2 projections
     size = (folder / "adapter" / "adapter_model.safetensors").stat().st_size
     assert size < (folder / "base" / "model.safetensors").stat().st_size
+
+
+def test_packing_trains_on_the_same_examples_in_fewer_rows(tmp_path):
+    """train.packing: the clients report the same examples as unpacked, hfedmoe's per-sample
+    statistics see each example (usage rows still sum to 1: validation accepts every reply),
+    and the run learns."""
+    from hfedmoe.report import read_metrics
+
+    runs = {}
+    for packing in (False, True):
+        config, summary = run(tmp_path / str(packing), method="hfedmoe", **{
+            "num-server-rounds": 2, "train.local-steps": 4, "generate.examples": 0,
+            "checkpoint.every": 0, "train.packing": packing, "budget.experts": "4,8,16"})
+        assert summary["final_loss"] < summary["loss_by_round"][0] - 0.5, packing
+        runs[packing] = read_metrics(tmp_path / str(packing) / "run")
+    for plain, packed in zip(runs[False][1:], runs[True][1:]):
+        assert not packed["failures"] and len(packed["clients"]) == config.data.num_clients
+        assert sorted(c["num_examples"] for c in plain["clients"]) == sorted(
+            c["num_examples"] for c in packed["clients"])

@@ -15,7 +15,8 @@ import torch
 from hfedmoe.config import DataConfig
 from hfedmoe.data.corpora import Corpus, DataError, TextDataset, load_corpus
 
-# input_ids (B, T), attention_mask (B, T), labels (B,) or (B, T); int64
+# input_ids (B, T), attention_mask (B, T), labels (B,) or (B, T), and position_ids (B, T) of a
+# packed set (hfedmoe.data.packing); int64
 Batch = dict[str, torch.Tensor]
 
 
@@ -29,9 +30,12 @@ class TokenizedSet:
     """
 
     input_ids: torch.Tensor       # (N, T) int64
-    attention_mask: torch.Tensor  # (N, T) int64, 1 = token, 0 = padding
+    attention_mask: torch.Tensor  # (N, T) int64, 1 = token, 0 = padding (packed: k = k-th example)
     labels: torch.Tensor          # (N,) or (N, T) int64
     dropped: int = 0              # examples left out by tokenisation (causal-lm: no room to learn)
+    # (N, T) int64 positions restarting at 0 for each example of a packed row
+    # (hfedmoe.data.packing); None when each row holds one example
+    position_ids: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.input_ids.ndim != 2 or self.attention_mask.shape != self.input_ids.shape:
@@ -40,12 +44,24 @@ class TokenizedSet:
         if self.labels.shape not in ((self.input_ids.shape[0],), self.input_ids.shape):
             raise DataError(f"labels {tuple(self.labels.shape)} must have shape "
                             f"({self.input_ids.shape[0]},) or {tuple(self.input_ids.shape)}")
-        for name in ("input_ids", "attention_mask", "labels"):
-            if getattr(self, name).dtype != torch.int64:
-                raise DataError(f"{name} must be int64, got {getattr(self, name).dtype}")
+        if self.position_ids is not None and self.position_ids.shape != self.input_ids.shape:
+            raise DataError(f"position_ids {tuple(self.position_ids.shape)} must have shape "
+                            f"{tuple(self.input_ids.shape)}")
+        for name in ("input_ids", "attention_mask", "labels", "position_ids"):
+            tensor = getattr(self, name)
+            if tensor is not None and tensor.dtype != torch.int64:
+                raise DataError(f"{name} must be int64, got {tensor.dtype}")
 
     def __len__(self) -> int:
+        """Rows (a packed row holds several examples: :attr:`num_examples`)."""
         return self.input_ids.shape[0]
+
+    @property
+    def num_examples(self) -> int:
+        """Examples held (= rows unless packed)."""
+        if self.position_ids is None:
+            return len(self)
+        return int(self.attention_mask.amax(dim=1).sum())
 
 
 def load_tokenizable_corpus(cfg: DataConfig, tokenizer: Any) -> Corpus:
@@ -151,6 +167,9 @@ def _batch(tokenized: TokenizedSet, rows: torch.Tensor) -> Batch:
     columns = mask.any(dim=0).nonzero().flatten()
     first, last = (int(columns[0]), int(columns[-1]) + 1) if len(columns) else (0, 1)
     labels = tokenized.labels[rows]
-    return {"input_ids": tokenized.input_ids[rows, first:last],
-            "attention_mask": mask[:, first:last],
-            "labels": labels[:, first:last] if labels.dim() == 2 else labels}
+    batch = {"input_ids": tokenized.input_ids[rows, first:last],
+             "attention_mask": mask[:, first:last],
+             "labels": labels[:, first:last] if labels.dim() == 2 else labels}
+    if tokenized.position_ids is not None:  # packed rows (hfedmoe.data.packing)
+        batch["position_ids"] = tokenized.position_ids[rows, first:last]
+    return batch

@@ -41,14 +41,22 @@ class MoECausalLM(nn.Module):
         self.lm_head = causal_lm.get_output_embeddings()
         object.__setattr__(self, "hf_model", causal_lm)  # not registered: no second names
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """``position_ids`` (B, T): a packed batch (hfedmoe.data.packing), whose positions
+        restart at each example; the model then gets no attention mask and transformers
+        builds the block-diagonal causal mask from the restarts."""
         if input_ids.dim() != 2 or attention_mask.shape != input_ids.shape:
             raise ValueError(f"input_ids and attention_mask must both be (batch, seq_len); got "
                              f"{tuple(input_ids.shape)} and {tuple(attention_mask.shape)}")
+        if position_ids is not None and position_ids.shape != input_ids.shape:
+            raise ValueError(f"position_ids {tuple(position_ids.shape)} must match input_ids "
+                             f"{tuple(input_ids.shape)}")
+        masks = ({"attention_mask": attention_mask} if position_ids is None
+                 else {"position_ids": position_ids})
         # the family's own head computation (logit scaling, soft-capping where it has them)
         with mixed_precision(self, input_ids.device):
-            logits = self.hf_model(input_ids=input_ids, attention_mask=attention_mask,
-                                   use_cache=False).logits
+            logits = self.hf_model(input_ids=input_ids, use_cache=False, **masks).logits
         return logits.float()  # (B, T, V)
 
 
