@@ -94,10 +94,12 @@ def round_seed(seed: int, server_round: int, client_id: int) -> int:
 def build_model(config: RunConfig, num_labels: int) -> MoEAdapter:
     """The run's model with its task's head (``num_labels``: classes; unused by causal-lm),
     and each expert's LoRA factors with ``train.adapter = "lora"`` (hfedmoe.model.lora;
-    raises UnsupportedModelError for a family whose experts take none)."""
+    raises UnsupportedModelError for a family whose experts take none), the frozen expert
+    weights quantized with ``model.quantization`` (hfedmoe.model.quantize)."""
     adapter = task_for(config.task).build_adapter(config.model, num_labels, config.seed)
     if config.train.adapter == "lora":
         adapter.attach_lora(config.lora.settings(), config.seed)
+        adapter.quantize_experts(config.model.quantization)
     return adapter
 
 

@@ -45,6 +45,7 @@ FAILURE_MODES = ("raise", "hang")
 ATTACKS = ("sign-flip", "scale")
 EXPERT_STEPS = ("holders", "data-share")  # hfedmoe.aggregation.aggregate_experts
 ADAPTERS = ("none", "lora")  # train.adapter; hfedmoe.model.lora
+QUANTIZATIONS = ("none", "nf4", "int8")  # model.quantization; hfedmoe.model.quantize
 LORA_TARGETS = ("experts",)
 LORA_AGGREGATIONS = ("factors", "frozen-a")  # hfedmoe.model.lora
 BUDGET_MODES = ("one-pass", "recompute")  # hfedmoe.model.sparse_experts
@@ -153,6 +154,7 @@ class ModelConfig:
     device: str
     dropout: float
     precision: str = "auto"  # default: export manifests written before the key existed
+    quantization: str = "none"  # the routed experts' frozen weights: "none", "nf4", "int8"
 
     def __post_init__(self) -> None:
         _require(bool(self.name), "model.name", self.name, "a model name or path")
@@ -166,6 +168,7 @@ class ModelConfig:
                  self.device, "'cpu', 'cuda' or 'cuda:N'")
         _require(0 <= self.dropout < 1, "model.dropout", self.dropout, "a number in [0, 1)")
         _choice("model.precision", self.precision, PRECISIONS)
+        _choice("model.quantization", self.quantization, QUANTIZATIONS)
 
 
 @dataclass(frozen=True)
@@ -479,6 +482,9 @@ class RunConfig:
         _choice("task", self.task, TASKS)
         _require(self.task == "causal-lm" or self.data.source != "quiz", "data.source",
                  self.data.source, "'quiz' only with task = 'causal-lm' (question -> answer pairs)")
+        _require(self.model.quantization == "none" or self.train.adapter == "lora",
+                 "model.quantization", self.model.quantization,
+                 "'none' unless train.adapter = 'lora' (only frozen expert weights are quantized)")
         _require(not self.train.packing or self.task == "causal-lm", "train.packing",
                  self.train.packing, "false with task = 'classification' (one label per text)")
         _require(not self.train.packing or self.method not in SPLIT_METHODS, "train.packing",

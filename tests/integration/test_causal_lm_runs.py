@@ -87,20 +87,24 @@ def test_every_method_runs_on_causal_lm_within_its_budgets(tmp_path, method):
     assert all(c["within_budget"] for c in clients) != ignores_budgets, clients
 
 
-@pytest.mark.parametrize("aggregation", ["factors", "frozen-a"])
-def test_lora_run_leaves_a_merged_model_and_an_adapter_peft_loads(tmp_path, aggregation):
+@pytest.mark.parametrize("aggregation, quantization", [("factors", "none"),
+                                                       ("frozen-a", "none"), ("factors", "nf4")])
+def test_lora_run_leaves_a_merged_model_and_an_adapter_peft_loads(tmp_path, aggregation,
+                                                                  quantization):
     """A LoRA run's final-model/ is the merged model, final-model/base the base it started
-    from and final-model/adapter a peft adapter: peft's model on the base and the merged model
-    both reproduce hfedmoe's own logits of the final global state (LoRA unmerged)."""
+    from (dequantized when the experts were held quantized) and final-model/adapter a peft
+    adapter: peft's model on the base and the merged model both reproduce hfedmoe's own
+    logits of the final global state (LoRA unmerged, quantized where it trained so)."""
     from peft import PeftModel
+
+    from hfedmoe.client import build_model
 
     config, _ = run(tmp_path, method="hfedmoe", **{
         "num-server-rounds": 1, "train.local-steps": 4, "generate.examples": 0,
         "budget.experts": "4,8,16", "train.adapter": "lora", "lora.rank": 4,
-        "lora.aggregation": aggregation})
+        "lora.aggregation": aggregation, "model.quantization": quantization})
     folder = tmp_path / "run" / "final-model"
-    adapter = task_for("causal-lm").build_adapter(config.model, 0, config.seed)
-    adapter.attach_lora(config.lora.settings(), config.seed)
+    adapter = build_model(config, 0)
     final = load_latest(tmp_path / "run" / "checkpoints").global_state
     write_state(set_trainable(adapter, config.model.trainable_non_expert), final)
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -122,6 +122,10 @@ class MoEAdapter(Protocol):
         the experts' parameters in :meth:`expert_parameters`."""
         ...
 
+    def quantize_experts(self, scheme: str) -> None:
+        """Hold the routed experts' frozen projection weights quantized (hfedmoe.model.quantize)."""
+        ...
+
     def merge_lora(self) -> None:
         """Fold any LoRA factors into the expert weights and drop them (export)."""
         ...

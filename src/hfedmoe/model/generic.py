@@ -27,6 +27,7 @@ from hfedmoe.model.lora import (
     is_trainable_factor,
     merge_factors,
 )
+from hfedmoe.model.quantize import dequantize_weights, quantize_weights
 from hfedmoe.model.sparse_experts import SparseExperts
 
 # router forward output -> (probabilities (tokens, S) float32, top_k_index (tokens, k) int64)
@@ -100,9 +101,22 @@ class ModelAdapter:
                 attach_factors(expert, settings, seed, bank.layer_index, index)
         self._lora = settings
 
+    def quantize_experts(self, scheme: str) -> None:
+        """Hold every routed expert's LoRA target weights (its projections) quantized with
+        ``scheme`` ("nf4", "int8"; "none" does nothing), frozen (hfedmoe.model.quantize)."""
+        for bank in self.banks:
+            for expert in bank.experts:
+                if not hasattr(expert, "lora_targets"):
+                    raise UnsupportedModelError(
+                        f"model.quantization is not supported for {self.family} experts")
+                quantize_weights(list(expert.lora_targets().values()), expert, scheme)
+
     def merge_lora(self) -> None:
         """Fold every expert's LoRA factors into its weights (W ← W + ΔW) and drop them: the
-        model is then a plain model with the same outputs (dropout off), for export."""
+        model is then a plain model with the same outputs (dropout off), for export. Quantized
+        weights are dequantized first (W is then the dequantized base)."""
+        for bank in self.banks:
+            dequantize_weights(bank)
         for bank in self.banks:
             for expert in bank.experts:
                 if len(getattr(expert, "lora", ())):

@@ -92,13 +92,14 @@ class GatedExpert(nn.Module):
         ``experts[i]``, as two grouped matrix products (two more per projection with LoRA
         factors, hfedmoe.model.lora). (n, H)."""
         lora = len(experts[0].lora) > 0
-        gate_up = grouped_linear(x, [e.gate_up_proj for e in experts], sizes)  # (n, 2I)
+        # the frozen weights as functions: read again in the backward, not kept (LoRA)
+        gate_up = grouped_linear(x, lambda: [e.gate_up_proj for e in experts], sizes)  # (n, 2I)
         if lora:
             gate_up = gate_up + grouped_lora_delta(
                 x, [e.lora["gate_up_proj"] for e in experts], sizes, grouped_linear)
         gate, up = gate_up.chunk(2, dim=-1)  # (n, I) x2
         hidden = experts[0].act_fn(gate) * up  # (n, I)
-        out = grouped_linear(hidden, [e.down_proj for e in experts], sizes)  # (n, H)
+        out = grouped_linear(hidden, lambda: [e.down_proj for e in experts], sizes)  # (n, H)
         if lora:
             out = out + grouped_lora_delta(hidden, [e.lora["down_proj"] for e in experts],
                                            sizes, grouped_linear)

@@ -37,10 +37,11 @@ router learns from every routed expert.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from hfedmoe.model.adapter import BackwardPlan, OnlinePlan
 
@@ -255,8 +256,8 @@ def run_group(experts: Sequence[nn.Module], x: torch.Tensor,
     ``grouped_forward`` when they share a class that has one (given ``device_sizes``, the
     same sizes already on x's device, it takes those), else one call per expert on its
     slice. (n, H)."""
-    kind = type(experts[0])
-    if hasattr(kind, "grouped_forward") and all(type(e) is kind for e in experts):
+    kind = expert_class(experts[0])
+    if hasattr(kind, "grouped_forward") and all(expert_class(e) is kind for e in experts):
         return kind.grouped_forward(experts, x, sizes if device_sizes is None else device_sizes)
     return torch.cat([expert(part) for expert, part in zip(experts, x.split(host_sizes(sizes)))])
 
@@ -267,17 +268,61 @@ def group_offsets(sizes: "Sequence[int] | torch.Tensor", device: torch.device) -
     return counts.cumsum(0).to(torch.int32)
 
 
-def grouped_linear(x: torch.Tensor, weights: Sequence[torch.Tensor],
+def expert_class(expert: nn.Module) -> type:
+    """The expert's own class (torch's parametrizations, e.g. a quantized weight
+    (hfedmoe.model.quantize), give each module a subclass of its own)."""
+    cls = type(expert)
+    return cls.__bases__[0] if parametrize.is_parametrized(expert) else cls
+
+
+def grouped_linear(x: torch.Tensor,
+                   weights: "Sequence[torch.Tensor] | Callable[[], Sequence[torch.Tensor]]",
                    sizes: "Sequence[int] | torch.Tensor") -> torch.Tensor:
     """Row block i of ``x`` (n, K) times ``weights[i]`` (N, K) transposed -> (n, N): one
     ``torch.nn.functional.grouped_mm`` over the stacked weights (gradients reach exactly the
     weights given). Under autocast both run in the autocast dtype (grouped_mm is on no
-    autocast list; bf16 is what it takes on Hopper GPUs)."""
-    stacked = torch.stack(list(weights))  # (g, N, K)
+    autocast list; bf16 is what it takes on Hopper GPUs).
+
+    ``weights`` may be a function returning them: when none of them learns (LoRA's frozen
+    base, possibly quantized: hfedmoe.model.quantize) and ``x`` needs a gradient, the stacked
+    weights are then not kept for the backward but read (dequantized) again there
+    (:class:`_FrozenGroupedLinear`), so a client holds one group's weights at a time."""
+    read = weights if callable(weights) else (lambda: weights)
+    current = list(read())
     kind = x.device.type
+    offs = group_offsets(sizes, x.device)
+    if callable(weights) and x.requires_grad and not any(w.requires_grad for w in current):
+        dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+        return _FrozenGroupedLinear.apply(x, offs, read, dtype, current)
+    stacked = torch.stack(current)  # (g, N, K)
     dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else stacked.dtype
     out = torch.nn.functional.grouped_mm(x.to(dtype), stacked.to(dtype).transpose(-2, -1),
-                                         offs=group_offsets(sizes, x.device))  # (n, N)
+                                         offs=offs)  # (n, N)
     if out.requires_grad:  # grouped_mm's backward rejects an expanded (stride-0) gradient
         out.register_hook(torch.Tensor.contiguous)
     return out
+
+
+class _FrozenGroupedLinear(torch.autograd.Function):
+    """``grouped_mm(x, stack(read())ᵀ)`` for weights that do not learn: only ``x``'s gradient
+    is computed, with the weights read again in the backward instead of saved."""
+
+    @staticmethod
+    def forward(ctx, x, offs, read, dtype, current):  # noqa: D401
+        ctx.read, ctx.x_dtype = read, x.dtype
+        ctx.dtype = dtype or current[0].dtype
+        ctx.save_for_backward(offs)
+        stacked = torch.stack(current).to(ctx.dtype)  # (g, N, K)
+        return torch.nn.functional.grouped_mm(x.to(ctx.dtype), stacked.transpose(-2, -1),
+                                              offs=offs)  # (n, N)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (offs,) = ctx.saved_tensors
+        stacked = torch.stack(list(ctx.read())).to(ctx.dtype)  # (g, N, K)
+        grad_x = torch.nn.functional.grouped_mm(grad_out.contiguous().to(ctx.dtype), stacked,
+                                                offs=offs)  # (n, K)
+        # rows past the last group (dropped slots) are left unwritten by grouped_mm
+        rows = torch.arange(grad_x.shape[0], device=grad_x.device)
+        grad_x = torch.where((rows < offs[-1]).unsqueeze(1), grad_x, 0.0)
+        return grad_x.to(ctx.x_dtype), None, None, None, None

@@ -58,12 +58,13 @@ class DenseActExpert(nn.Module):
         expert_of_row = torch.bucketize(rows, group_offsets(sizes, x.device), right=True)
         biases = torch.stack([e.up.bias for e in experts])  # (g, m)
         bias = torch.cat([biases, biases.new_zeros(1, biases.shape[1])])[expert_of_row]  # (n, m)
-        hidden = grouped_linear(x, [e.up.weight for e in experts], sizes) + bias  # (n, m)
+        # the weights as functions: read again in the backward when frozen (LoRA), not kept
+        hidden = grouped_linear(x, lambda: [e.up.weight for e in experts], sizes) + bias  # (n, m)
         if lora:
             hidden = hidden + grouped_lora_delta(x, [e.lora["up"] for e in experts], sizes,
                                                  grouped_linear)
         hidden = experts[0].act(hidden)
-        out = grouped_linear(hidden, [e.down.weight for e in experts], sizes)  # (n, H)
+        out = grouped_linear(hidden, lambda: [e.down.weight for e in experts], sizes)  # (n, H)
         if lora:
             out = out + grouped_lora_delta(hidden, [e.lora["down"] for e in experts], sizes,
                                            grouped_linear)

@@ -165,6 +165,9 @@ class CausalLMTask:
         hfedmoe.model.peft_export) that ``PeftModel.from_pretrained`` loads on it."""
         if config.train.adapter == "lora":
             base = self.build_adapter(config.model, 0, config.seed)
+            # quantized training: the base the factors learned on (dequantized), for exactness
+            base.quantize_experts(config.model.quantization)
+            base.merge_lora()  # (no factors: only dequantizes)
             export_causal_lm(base.model, base.banks, tokenizer, folder / BASE_DIR)
             del base
             trained = trainable_parameters(adapter, config.model.trainable_non_expert).values()
