@@ -12,6 +12,13 @@ reported separately, per client):
 
 and one trainable expert adds its gradient, AdamW moments and activations (its weights are
 already in the base).
+
+With ``train.adapter = "lora"`` (docs/lora.md, "Budgets for LoRA clients") an expert's
+trainable tensors are its factors: gradient and moments are the factors' bytes, and its
+activations add r floats per token per projection (the factors' inner product, kept for B's
+gradient). Parameter bytes are counted as held: a quantized base (``model.quantization``) at
+its packed size, plus the float32 copy of one layer's experts' projection that the grouped
+product dequantizes at a time (hfedmoe.model.quantize; for a float base the stacked copy).
 """
 
 from __future__ import annotations
@@ -35,23 +42,33 @@ def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, 
     gradient and AdamW-moment bytes: the weights themselves, or with ``train.adapter =
     "lora"`` its factors (hfedmoe.model.lora; their own small activations are not counted)."""
     geometry = adapter.geometry
-    expert = list(adapter.expert_weights(0, 0).items())
+    expert = list(adapter.expert_weights(0, 0).items())  # logical (dequantized) shapes
     params_per_expert = sum(p.numel() for _, p in expert)
-    trainable_bytes = tensor_bytes(adapter.expert_parameters(0, 0).values())
+    trainable = adapter.expert_parameters(0, 0)
+    trainable_bytes = tensor_bytes(trainable.values())
     hidden = adapter.model.backbone.get_input_embeddings().embedding_dim
     gated = any("gate" in name for name, _ in expert)
     intermediate = max(1, params_per_expert // ((3 if gated else 2) * hidden))
     tokens = config.train.batch_size * config.model.max_length
     cost = expert_cost(params_per_expert, hidden, intermediate, tokens, geometry.top_k,
                        geometry.num_experts, gated=gated)
+    # LoRA: r floats per routed token per factor pair (A's output, kept for B's gradient)
+    ranks = [p.shape[0] for name, p in trainable.items() if name.endswith(".A")]
+    ranks += [p.shape[1] for name, p in trainable.items()  # frozen A: B (out, r) only
+              if name.endswith(".B") and name[:-2] + ".A" not in trainable]
+    routed_tokens = -(-tokens * geometry.top_k // geometry.num_experts)
     cost = replace(cost, param_bytes=0,  # weights are counted in the base
-                   grad_bytes=trainable_bytes, optimizer_bytes=2 * trainable_bytes)
+                   grad_bytes=trainable_bytes, optimizer_bytes=2 * trainable_bytes,
+                   activation_bytes=cost.activation_bytes + 4 * routed_tokens * sum(ranks))
     non_expert = [p for layer in range(geometry.num_layers)
                   for p in adapter.router_parameters(layer).values()]
     non_expert += list(adapter.non_expert_parameters(config.model.trainable_non_expert).values())
     lm_head = getattr(adapter.model, "lm_head", None)  # causal-lm: (tokens, V) logits
     vocab = lm_head.out_features if lm_head is not None else 0
-    base = (tensor_bytes(adapter.model.parameters()) + 3 * tensor_bytes(non_expert)
+    # a frozen base's grouped products hold one projection of one layer's experts in float32
+    workspace = (geometry.num_experts * max((p.numel() for _, p in expert), default=0) * 4
+                 if config.train.adapter == "lora" else 0)
+    base = (tensor_bytes(adapter.model.parameters()) + workspace + 3 * tensor_bytes(non_expert)
             + 4 * tokens * hidden * ACTIVATION_FLOATS_PER_TOKEN_LAYER * geometry.num_layers
             + LOGIT_COPIES * 4 * tokens * vocab)
     return cost, base

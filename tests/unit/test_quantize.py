@@ -138,3 +138,30 @@ def test_frozen_grouped_product_reads_the_weights_again_in_the_backward(monkeypa
 def test_quantization_without_lora_is_refused():
     with pytest.raises(ConfigError, match="model.quantization"):
         parse_run_config({"model.quantization": "nf4"})
+
+
+def test_the_cost_model_charges_the_base_as_held_and_the_factors_activations():
+    """Independent sums: a quantized base costs its stored bytes (not 4 per weight), a LoRA
+    expert adds r floats per routed token per projection, and its weights' shapes (hence
+    its activations) do not change with the quantization."""
+    from hfedmoe.costs import training_costs
+    from hfedmoe.model.quantize import stored_bytes
+
+    costs = {}
+    for adapter_kind, scheme in (("none", "none"), ("lora", "none"), ("lora", "nf4")):
+        config = parse_run_config({"task": "causal-lm", "model.name": "tiny:qwen2_moe",
+                                   "train.adapter": adapter_kind, "lora.rank": 4,
+                                   "model.quantization": scheme})
+        adapter = build_model(config, 0)
+        costs[adapter_kind, scheme] = (*training_costs(adapter, config), adapter, config)
+    float_cost, float_base, float_lora, config = costs["lora", "none"]
+    nf4_cost, nf4_base, nf4_lora, _ = costs["lora", "nf4"]
+    held = sum(stored_bytes(b) for b in nf4_lora.banks)
+    as_float = sum(stored_bytes(b) for b in float_lora.banks)
+    assert float_base - nf4_base == as_float - held > 0
+    assert nf4_cost == float_cost
+    g = float_lora.geometry
+    tokens = config.train.batch_size * config.model.max_length
+    routed = -(-tokens * g.top_k // g.num_experts)
+    extra = costs["lora", "none"][0].activation_bytes - costs["none", "none"][0].activation_bytes
+    assert extra == 4 * routed * 4 * 2  # rank 4, two projections

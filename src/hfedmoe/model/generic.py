@@ -80,12 +80,25 @@ class ModelAdapter:
             return params
         return {name: p for name, p in params.items() if is_trainable_factor(name, self._lora)}
 
-    def expert_weights(self, layer: int, expert: int) -> dict[str, nn.Parameter]:
+    def expert_weights(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """Routed expert ``(layer, expert)``'s own weights by short name, trainable or frozen
-        (with LoRA factors attached they are frozen; the factors are not among them)."""
+        (with LoRA factors attached they are frozen; the factors are not among them). A
+        quantized weight (hfedmoe.model.quantize) is given dequantized, under its own name."""
         self._check_expert(layer, expert)
-        return {name: p for name, p in self.banks[layer].experts[expert].named_parameters()
-                if not name.startswith(LORA_PREFIX)}
+        module = self.banks[layer].experts[expert]
+        weights = {}
+        for name, p in module.named_parameters():
+            parts = name.split(".")
+            if name.startswith(LORA_PREFIX):
+                continue
+            if "parametrizations" in parts:  # "[<owner>.]parametrizations.<weight>.original<i>"
+                at = parts.index("parametrizations")
+                if parts[at + 2] == "original0":  # the codes; original1... are its scales
+                    owner = module.get_submodule(".".join(parts[:at]))
+                    weights[".".join(parts[:at] + [parts[at + 1]])] = getattr(owner, parts[at + 1])
+                continue
+            weights[name] = p
+        return weights
 
     def attach_lora(self, settings: LoRASettings, seed: int) -> None:
         """Give every routed expert its own LoRA factors (hfedmoe.model.lora), seeded by
