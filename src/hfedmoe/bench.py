@@ -49,6 +49,7 @@ from hfedmoe.tasks.classification import classification_loss
 from hfedmoe.training import (
     TaskLoss,
     OnlineSelector,
+    forward_batch,
     make_optimizer,
     train_locally,
     trace_counts,
@@ -176,7 +177,7 @@ def count_step(adapter: MoEAdapter, trainable: list[torch.nn.Parameter],
         else:
             context = adapter.deferred_expert_backward()
         with flop_counter() as forward, context as plan:
-            loss = loss_fn(model(batch["input_ids"], mask), batch["labels"])
+            loss = loss_fn(forward_batch(model, batch), batch["labels"])
         routed = trace_counts(trace, mask, geometry.num_experts).to(torch.float64)  # (L, S)
         if isinstance(plan, OnlinePlan):
             active = plan.active(geometry.num_layers, geometry.num_experts)

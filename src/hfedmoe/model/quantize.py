@@ -109,11 +109,6 @@ def dequantize_weights(module: nn.Module) -> None:
                     getattr(sub, name).requires_grad_(False)
 
 
-def is_quantized(module: nn.Module, name: str) -> bool:
-    """Whether ``module.<name>`` is held quantized."""
-    return parametrize.is_parametrized(module, name)
-
-
 def stored_bytes(module: nn.Module) -> int:
     """Bytes of every parameter and buffer under ``module`` as held (quantized ones packed)."""
     return sum(t.numel() * t.element_size()
