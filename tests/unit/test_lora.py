@@ -193,9 +193,12 @@ def test_the_cost_model_charges_the_factors_as_the_trainable_state():
     factor_bytes = sum(p.numel() * 4 for p in lora.expert_parameters(0, 0).values())
     assert lora_cost.grad_bytes == factor_bytes and lora_cost.optimizer_bytes == 2 * factor_bytes
     assert factor_bytes < full_cost.grad_bytes
-    # the expert's activations follow its size, which LoRA does not change
-    assert lora_cost.activation_bytes == full_cost.activation_bytes
+    # the expert's activations follow its size, which LoRA does not change, plus the
+    # factors' inner products: r floats per routed token per projection
     g = lora.geometry
+    routed = -(-config.train.batch_size * config.model.max_length * g.top_k // g.num_experts)
+    assert (lora_cost.activation_bytes - full_cost.activation_bytes
+            == 4 * routed * SETTINGS.rank * 2)
     assert lora_base == full_base + sum(p.numel() * 4 for layer in range(g.num_layers)
                                         for e in range(g.num_experts)
                                         for p in lora.expert_parameters(layer, e).values())
