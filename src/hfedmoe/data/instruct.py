@@ -13,10 +13,11 @@ Sources (``data.source``):
   with roles ``system``, ``user``, ``assistant``; the last assistant turn is the response, the
   user turn before it the prompt, and the turns before that prompt its context: a multi-turn
   chat is one example whose every assistant turn is learned, hfedmoe.data.instructions; turns
-  after the last assistant turn, or between it and its user turn, are not used), Alpaca's ``instruction`` (+ optional ``input``, appended after a blank
-  line) and ``output``, ``prompt`` and ``response`` (or ``completion``), ``question`` and
-  ``answer``. ``data.label-field``, when rows have it, names the group; ``split``
-  (train/test) as for classification.
+  after the last assistant turn, or between it and its user turn, are not used), Alpaca's
+  ``instruction`` (+ optional ``input``, appended after a blank line) and ``output``,
+  ``prompt`` and ``response`` (or ``completion``), ``question`` and ``answer``.
+  ``data.label-field``, when rows have it, names the group; ``split`` (train/test) as for
+  classification.
 * ``wordnet`` - WordNet 3.0: "What does the noun 'bank' mean?" -> the gloss's definition
   (without its quoted examples), the first sense of each (word, part of speech) by file
   offset; group = lexicographer file (45).
