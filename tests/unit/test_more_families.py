@@ -95,7 +95,9 @@ def test_causal_lm_trains_only_budgeted_experts_and_exports_to_stock_transformer
 
 @pytest.mark.parametrize("family, why", [("llama4_text", "fused experts layout"),
                                          ("jetmoe", "no MoE block of the standard"),
-                                         ("gpt_oss", "fused experts layout")])
+                                         ("gpt_oss", "fused experts layout"),
+                                         ("longcat_flash", "fused experts layout"),
+                                         ("nemotron_h", "no MoE block of the standard")])
 def test_families_whose_layout_differs_are_refused_in_one_line(family, why):
     config = parse_run_config({"model.name": f"tiny:{family}"})
     with pytest.raises(UnsupportedModelError, match=why) as info:

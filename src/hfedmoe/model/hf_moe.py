@@ -224,6 +224,11 @@ TINY_EXTRA: dict[str, dict] = {
                         first_k_dense_replace=0, head_dim=8),
     "glm4_moe": dict(first_k_dense_replace=1, num_hidden_layers=3, n_group=1, topk_group=1),
     "ernie4_5_moe": dict(moe_layer_start_index=0),
+    "dots1": dict(n_shared_experts=1),
+    "lfm2_moe": dict(num_dense_layers=0, layer_types=["conv", "full_attention"]),
+    "glm4_moe_lite": dict(num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                          qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16,
+                          v_head_dim=16),
 }
 
 

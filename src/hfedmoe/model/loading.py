@@ -78,7 +78,9 @@ SUPPORTED_FAMILIES: tuple[str, ...] = tuple(FAMILIES)
 # classifiers and causal LMs (tests/unit/test_more_families.py); the README lists them.
 TESTED_STRUCTURAL_FAMILIES = ("granitemoe", "granitemoeshared", "phimoe", "qwen3_next",
                               "qwen3_5_moe_text", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe",
-                              "minimax", "minimax_m2", "deepseek_v2", "afmoe", "cohere2_moe")
+                              "minimax", "minimax_m2", "deepseek_v2", "afmoe", "cohere2_moe",
+                              "flex_olmo", "exaone_moe", "solar_open", "dots1", "lfm2_moe",
+                              "glm4_moe_lite")
 
 
 def unsupported(family: str, reason: str) -> UnsupportedModelError:
