@@ -186,8 +186,10 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
     records. Per client (sorted by id): ``budget_experts`` and ``num_examples`` as reported
     in its latest round, maxima of active experts and peak memory, the number of records
     listing it, and the mean over those rounds of its mean step time. ``task`` is recorded;
-    a causal-lm run adds ``final_perplexity``, ``final_exact_match``, ``final_rouge_l`` and
-    ``perplexity_by_round`` (``accuracy`` is then next-token accuracy on response tokens).
+    a causal-lm run adds ``final_perplexity``, ``final_exact_match``, ``final_rouge_l``,
+    ``perplexity_by_round`` (``accuracy`` is then next-token accuracy on response tokens),
+    ``final_personal_perplexity`` and ``personal_perplexity_by_round``
+    (:func:`personal_perplexity`).
     """
     if not rounds:
         raise ValueError("no round records to summarise")
@@ -204,6 +206,9 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
         "final_rouge_l": by_round[last].get("rouge_l"),
         "perplexity_by_round": [by_round[r].get("perplexity") if r in by_round else None
                                 for r in range(last + 1)],
+        "final_personal_perplexity": personal_perplexity(by_round[last]),
+        "personal_perplexity_by_round": [personal_perplexity(by_round[r]) if r in by_round
+                                         else None for r in range(last + 1)],
     }
     return {
         "method": method,
@@ -236,6 +241,16 @@ def build_summary(method: str, rounds: Sequence[Mapping[str, Any]],
                      for r, rec in sorted(by_round.items()) for f in rec["failures"]],
         "clients": summarise_clients(by_round),
     }
+
+
+def personal_perplexity(record: Mapping[str, Any]) -> float | None:
+    """The personalised perplexity of a causal-lm round: the unweighted mean over the clients
+    that evaluated of exp(mean loss per response token on their own test split), as
+    ``personal_accuracy`` averages their accuracies; None when no client evaluated."""
+    losses = [e["loss"] for e in record.get("personal") or () if is_finite_number(e["loss"])]
+    if not losses:
+        return None
+    return sum(math.exp(min(loss, 700.0)) for loss in losses) / len(losses)
 
 
 def learned(record: Mapping[str, Any]) -> bool:

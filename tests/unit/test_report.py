@@ -320,3 +320,18 @@ def test_configuration_doc_lists_every_key_with_its_default():
         assert key in rows, f"{key} is not documented"
         assert rows[key][1] == type(default).__name__, key
         assert rows[key][2] == f"`{_toml_literal(default)}`", key
+
+
+def test_causal_lm_summary_has_the_personalised_perplexity():
+    """Mean over clients of exp(own loss), by hand; None in rounds without client evaluation."""
+    records = run_records()
+    records[2]["personal"] = [{"client_id": 0, "num_examples": 5, "accuracy": 0.5,
+                               "loss": math.log(4.0)},
+                              {"client_id": 1, "num_examples": 9, "accuracy": 0.4,
+                               "loss": math.log(10.0)}]
+    records[3]["personal"] = [{"client_id": 0, "num_examples": 5, "accuracy": 0.6,
+                               "loss": math.log(2.0)}]
+    summary = build_summary("hfedmoe", records, 1.0, task="causal-lm")
+    assert summary["personal_perplexity_by_round"][:3] == [None, None, pytest.approx(7.0)]
+    assert summary["final_personal_perplexity"] == pytest.approx(2.0)
+    assert "final_personal_perplexity" not in build_summary("hfedmoe", records, 1.0)
