@@ -108,7 +108,7 @@ def test_export_loads_with_stock_transformers_and_computes_the_same_logits(tmp_p
 
 
 
-@pytest.mark.parametrize("family", FUSED_FAMILIES)
+@pytest.mark.parametrize("family", FUSED_FAMILIES + ("gpt_oss",))
 def test_peft_loads_the_lora_adapter_export_with_the_same_logits(tmp_path, family):
     """Every expert's own (random) factors, re-laid out into peft's fused-expert LoRA: peft's
     model on the exported base computes hfedmoe's logits (the routers, trained, travel whole)."""

@@ -90,17 +90,18 @@ def greedy_generate(model: MoECausalLM, prompts: Sequence[Sequence[int]], max_ne
 
 def fused_state_dict(causal_lm: nn.Module, banks: Sequence[SparseExperts]
                      ) -> dict[str, torch.Tensor]:
-    """``causal_lm``'s state dict with every bank folded back into the fused layout: the
-    bank's ``experts.{e}.gate_up_proj`` / ``down_proj`` become ``gate_up_proj`` (S, 2I, H) and
-    ``down_proj`` (S, H, I) under the bank's own name (where the fused module was)."""
+    """``causal_lm``'s state dict with every bank folded back into the fused layout: each
+    expert's ``fused_tensors()`` (e.g. ``gate_up_proj`` (2I, H), ``down_proj`` (H, I); GPT-OSS
+    transposed, with biases) are stacked into the family's fused tensors (S, ...) under the
+    bank's own name (where the fused module was)."""
     names = {id(module): name for name, module in causal_lm.named_modules()}
     state = causal_lm.state_dict()
     for bank in banks:
         prefix = names[id(bank)] + "."
         state = {k: v for k, v in state.items() if not k.startswith(prefix)}
-        state[prefix + "gate_up_proj"] = torch.stack(
-            [e.gate_up_proj.detach() for e in bank.experts])
-        state[prefix + "down_proj"] = torch.stack([e.down_proj.detach() for e in bank.experts])
+        per_expert = [e.fused_tensors() for e in bank.experts]
+        for key in per_expert[0]:
+            state[prefix + key] = torch.stack([tensors[key] for tensors in per_expert])
     return state
 
 

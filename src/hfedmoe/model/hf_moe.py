@@ -37,6 +37,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from hfedmoe.model.generic import RoutingFn, UnsupportedModelError
+from hfedmoe.model.gpt_oss import bank_from_gpt_oss, is_gpt_oss_layout
 from hfedmoe.model.lora import grouped_lora_delta, lora_linear
 from hfedmoe.model.sparse_experts import SparseExperts, grouped_linear
 
@@ -76,6 +77,10 @@ class GatedExpert(nn.Module):
     def lora_targets(self) -> dict[str, nn.Parameter]:
         """The projections LoRA adapts, by name: weight (out, in)."""
         return {"gate_up_proj": self.gate_up_proj, "down_proj": self.down_proj}
+
+    def fused_tensors(self) -> dict[str, torch.Tensor]:
+        """This expert's slices in the fused layout, by the fused tensor's name."""
+        return {"gate_up_proj": self.gate_up_proj.detach(), "down_proj": self.down_proj.detach()}
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if len(self.lora):
@@ -163,8 +168,11 @@ def convert_fused_experts(backbone: nn.Module) -> tuple[list[SparseExperts], lis
     banks: list[SparseExperts] = []
     routers: list[nn.Module] = []
     for name, block, router in moe_blocks(backbone):
-        check_fused_layout(block.experts, f"{name}.experts")
-        bank = bank_from_fused(block.experts, layer_index=len(banks))
+        if is_gpt_oss_layout(block.experts):  # transposed, biased, interleaved (gpt_oss.py)
+            bank = bank_from_gpt_oss(block.experts, layer_index=len(banks))
+        else:
+            check_fused_layout(block.experts, f"{name}.experts")
+            bank = bank_from_fused(block.experts, layer_index=len(banks))
         block.experts = bank
         banks.append(bank)
         routers.append(router)

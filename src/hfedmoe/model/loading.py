@@ -80,7 +80,7 @@ TESTED_STRUCTURAL_FAMILIES = ("granitemoe", "granitemoeshared", "phimoe", "qwen3
                               "qwen3_5_moe_text", "ernie4_5_moe", "glm4_moe", "hunyuan_v1_moe",
                               "minimax", "minimax_m2", "deepseek_v2", "afmoe", "cohere2_moe",
                               "flex_olmo", "exaone_moe", "solar_open", "dots1", "lfm2_moe",
-                              "glm4_moe_lite")
+                              "glm4_moe_lite", "gpt_oss")
 
 
 def unsupported(family: str, reason: str) -> UnsupportedModelError:

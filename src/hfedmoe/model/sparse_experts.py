@@ -268,6 +268,17 @@ def group_offsets(sizes: "Sequence[int] | torch.Tensor", device: torch.device) -
     return counts.cumsum(0).to(torch.int32)
 
 
+def grouped_row_biases(biases: Sequence[torch.Tensor], x: torch.Tensor,
+                       sizes: "Sequence[int] | torch.Tensor") -> torch.Tensor:
+    """(n, m): row i of ``x``'s group gets its expert's bias (m,); rows past the last group
+    (the dropped slots of the sync-free path) a zero bias, so no gradient. No host sync: each
+    row's expert comes from the group offsets."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    expert_of_row = torch.bucketize(rows, group_offsets(sizes, x.device), right=True)
+    stacked = torch.stack(list(biases))  # (g, m)
+    return torch.cat([stacked, stacked.new_zeros(1, stacked.shape[1])])[expert_of_row]
+
+
 def expert_class(expert: nn.Module) -> type:
     """The expert's own class (torch's parametrizations, e.g. a quantized weight
     (hfedmoe.model.quantize), give each module a subclass of its own)."""

@@ -22,7 +22,7 @@ from transformers import BertModel
 from transformers.activations import ACT2FN
 
 from hfedmoe.model.lora import grouped_lora_delta, lora_linear
-from hfedmoe.model.sparse_experts import SparseExperts, group_offsets, grouped_linear
+from hfedmoe.model.sparse_experts import SparseExperts, grouped_linear, grouped_row_biases
 
 
 class DenseActExpert(nn.Module):
@@ -52,12 +52,7 @@ class DenseActExpert(nn.Module):
         ``experts[i]``, as two grouped matrix products (two more per projection with LoRA
         factors, hfedmoe.model.lora). (n, H)."""
         lora = len(experts[0].lora) > 0
-        # each row's expert from the group offsets (no host sync); rows past the last offset
-        # (the dropped slots of the sync-free path) take a zero bias, so no gradient
-        rows = torch.arange(x.shape[0], device=x.device)
-        expert_of_row = torch.bucketize(rows, group_offsets(sizes, x.device), right=True)
-        biases = torch.stack([e.up.bias for e in experts])  # (g, m)
-        bias = torch.cat([biases, biases.new_zeros(1, biases.shape[1])])[expert_of_row]  # (n, m)
+        bias = grouped_row_biases([e.up.bias for e in experts], x, sizes)  # (n, m)
         # the weights as functions: read again in the backward when frozen (LoRA), not kept
         hidden = grouped_linear(x, lambda: [e.up.weight for e in experts], sizes) + bias  # (n, m)
         if lora:
