@@ -21,7 +21,7 @@ BAD_INPUTS = [
     (["--set", "train.batch-size=many"], "'train.batch-size' = 'many'"),
     (["--set", "train.fraction-train=0"], "'train.fraction-train'"),
     (["--set", "model.top-k=9"], "'model.top-k' = 9"),
-    (["--set", "model.name=tiny:gpt_oss"], "gpt_oss"),
+    (["--set", "model.name=tiny:llama4_text"], "llama4_text"),
     (["--set", "model.name=/nonexistent/model"], "/nonexistent/model"),
     (["--set", "model.device=tpu"], "'model.device'"),
     (["--set", "data.dirichlet-alpha=0"], "'data.dirichlet-alpha' = 0.0"),
