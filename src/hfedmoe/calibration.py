@@ -13,8 +13,12 @@ by ``hfedmoe bench step --json FILE`` on the same model and batch shape:
   takes no longer than the reference device's full-training round (``s`` >= 1: no limit). When even the smallest
   budget is slower (``s`` below the floor), it gets the smallest budget the model allows and
   the shortfall is reported (time stays a soft limit, as in the analytic model);
-* memory: the largest budget whose measured peak training memory fits the profile's memory
-  (a hard limit; a profile that cannot hold the smallest budget is refused).
+* memory: the largest budget whose measured peak training memory, plus a headroom of
+  ``MEMORY_HEADROOM`` (5%) of it, fits the profile's memory (a hard limit; a profile that
+  cannot hold the smallest budget is refused). The headroom is there because the bench
+  measures client 0's batches and a run's clients see others: which tokens reach the learning
+  experts, and each batch's longest text, move the peak from batch to batch (measured: +0.6%
+  on the tiny LoRA/nf4 model's clients over its bench figure at the same budget).
 
 Between measured budgets both figures are interpolated linearly; below the smallest measured
 budget the smallest's figures apply (conservative: the figures grow with the budget), so
@@ -32,11 +36,48 @@ import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
+
+if TYPE_CHECKING:
+    from hfedmoe.config import RunConfig
+
+
+MEMORY_HEADROOM = 0.05  # share of a measured peak kept free (module docstring)
 
 
 class CalibrationError(ValueError):
     """A calibration file that cannot be read or does not fit the run (one line)."""
+
+
+# What a client's step trains and holds besides the model and the batch shape: a calibration
+# measured with full expert training says nothing about a LoRA client on a 4-bit base (its
+# peak is a fraction of it), so each of these must match the run. Files written before a key
+# existed were measured with its value here (the only setting there was then).
+SETUP_DEFAULTS = {"train.adapter": "none", "lora.rank": 0, "lora.targets": "",
+                  "lora.aggregation": "", "model.quantization": "none",
+                  "budget.optimizer-state": "batch", "model.trainable-non-expert": "head",
+                  "model.precision": "fp32", "model.device": "cpu"}
+
+
+def training_setup(config: "RunConfig") -> dict[str, str | int]:
+    """The config keys (beyond model, batch shape and ``budget.mode``) that change a step's
+    time and memory, with the run's values; LoRA's keys only when ``train.adapter`` is
+    "lora". ``model.precision`` is resolved ("auto" -> what the device runs), and
+    ``model.device`` is its kind ("cpu" or "cuda")."""
+    from hfedmoe.model.loading import autocast_dtype
+
+    lora = config.train.adapter == "lora"
+    return {"train.adapter": config.train.adapter,
+            "lora.rank": config.lora.rank if lora else 0,
+            "lora.targets": config.lora.targets if lora else "",
+            "lora.aggregation": config.lora.aggregation if lora else "",
+            "model.quantization": config.model.quantization,
+            "budget.optimizer-state": config.budget.optimizer_state,
+            "model.trainable-non-expert": config.model.trainable_non_expert,
+            "model.precision": "fp32" if autocast_dtype(config.model.precision,
+                                                        config.model.device) is None
+            else "bf16-mixed",
+            "model.device": config.model.device.split(":")[0]}
 
 
 @dataclass(frozen=True)
@@ -51,8 +92,8 @@ class Calibration:
     """Measured points, sorted by budget, the full budget (ratio 1.0) last.
 
     ``model_fingerprint`` (hfedmoe.fingerprint.model_fingerprint), ``batch_size``,
-    ``max_length`` and ``budget_mode`` say what was measured; :meth:`check_fits` refuses a
-    run that differs.
+    ``max_length``, ``budget_mode`` and ``setup`` (:func:`training_setup`: adapter, LoRA rank,
+    quantization, ...) say what was measured; :meth:`check_fits` refuses a run that differs.
     """
 
     model: str
@@ -63,6 +104,7 @@ class Calibration:
     total_experts: int
     floor_flops_ratio: float  # step FLOPs when no expert learns / full training's
     points: tuple[CalibrationPoint, ...]
+    setup: tuple[tuple[str, str | int], ...] = tuple(SETUP_DEFAULTS.items())
 
     def __post_init__(self) -> None:
         budgets = [p.budget for p in self.points]
@@ -98,28 +140,34 @@ class Calibration:
 
     def budget_for(self, memory_bytes: int, relative_speed: float, min_budget: int,
                    name: str = "device") -> int:
-        """C_budget of a device (module docstring); raises CalibrationError when ``min_budget``
-        experts do not fit ``memory_bytes``."""
+        """C_budget of a device (module docstring): its measured peak plus
+        ``MEMORY_HEADROOM`` fits ``memory_bytes``; raises CalibrationError when ``min_budget``
+        experts do not fit."""
         fits = [c for c in range(min_budget, self.total_experts + 1)
-                if self.peak_memory_bytes(c) <= memory_bytes]
+                if self.peak_memory_bytes(c) * (1 + MEMORY_HEADROOM) <= memory_bytes]
         if not fits:
             raise CalibrationError(
                 f"device profile '{name}' has {memory_bytes} bytes but training {min_budget} "
                 f"expert(s) measured {self.peak_memory_bytes(min_budget)} bytes at peak "
-                f"(calibration of {self.model})")
+                f"(+{MEMORY_HEADROOM:.0%} headroom; calibration of {self.model})")
         if relative_speed >= 1.0:  # the reference device affords full training's time
             return max(fits)
         by_time = [c for c in fits if self.step_time_ratio(c) <= relative_speed + 1e-9]
         return max(by_time) if by_time else min(fits)
 
     def check_fits(self, model_fingerprint: str, batch_size: int, max_length: int,
-                   budget_mode: str, total_experts: int) -> None:
-        """Raise CalibrationError naming the first difference from the run."""
+                   budget_mode: str, total_experts: int,
+                   setup: Mapping[str, str | int] | None = None) -> None:
+        """Raise CalibrationError naming the first difference from the run (``setup``:
+        :func:`training_setup` of the run; None = the defaults)."""
         expected = {"model fingerprint": (self.model_fingerprint, model_fingerprint),
                     "train.batch-size": (self.batch_size, batch_size),
                     "model.max-length": (self.max_length, max_length),
                     "budget.mode": (self.budget_mode, budget_mode),
                     "total experts": (self.total_experts, total_experts)}
+        measured_setup = dict(self.setup)
+        for key, run_value in {**SETUP_DEFAULTS, **(setup or {})}.items():
+            expected[key] = (measured_setup.get(key, SETUP_DEFAULTS[key]), run_value)
         for what, (measured, run) in expected.items():
             if measured != run:
                 shown = (str(measured)[:16], str(run)[:16])
@@ -128,17 +176,22 @@ class Calibration:
                                        f"with `hfedmoe bench step --json` on this run's settings")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        data = asdict(self)
+        data["setup"] = dict(self.setup)
+        return json.dumps(data, sort_keys=True)
 
     @classmethod
     def from_mapping(cls, data: Mapping) -> "Calibration":
         try:
             points = tuple(CalibrationPoint(int(p["budget"]), float(p["step_time_ratio"]),
                                             int(p["peak_memory_bytes"])) for p in data["points"])
+            stored = data.get("setup", {})  # absent: written before the setup was recorded
+            setup = tuple((key, type(default)(stored.get(key, default)))
+                          for key, default in SETUP_DEFAULTS.items())
             return cls(str(data["model"]), str(data["model_fingerprint"]),
                        int(data["batch_size"]), int(data["max_length"]),
                        str(data["budget_mode"]), int(data["total_experts"]),
-                       float(data["floor_flops_ratio"]), points)
+                       float(data["floor_flops_ratio"]), points, setup)
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, CalibrationError):
                 raise

@@ -235,6 +235,7 @@ def _bench_step(config, args: argparse.Namespace) -> int:
         raise ConfigError(f"--budgets '{args.budgets}': expected integers like 6,12,24") from None
     if args.steps < 1 or args.repeats < 1 or min(budgets) < 1:
         raise ConfigError("--steps, --repeats and every budget must be >= 1")
+    from hfedmoe.calibration import training_setup
     from hfedmoe.fingerprint import model_fingerprint
 
     torch.set_num_threads(config.simulation.client_cpus)
@@ -242,7 +243,7 @@ def _bench_step(config, args: argparse.Namespace) -> int:
             "batch_size": config.train.batch_size,
             "max_length": config.model.max_length, "steps": args.steps,
             "repeats": args.repeats, "torch_threads": torch.get_num_threads(),
-            "budget_mode": config.budget.mode}
+            "budget_mode": config.budget.mode, "setup": training_setup(config)}
     print(f"model {config.model.name}, batch {config.train.batch_size} x "
           f"{config.model.max_length} tokens, {args.steps} steps x {args.repeats} repeats, "
           f"{torch.get_num_threads()} torch threads, budget.mode {config.budget.mode}")

@@ -14,7 +14,7 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
-from hfedmoe.calibration import Calibration, CalibrationError, load_calibration
+from hfedmoe.calibration import Calibration, CalibrationError, load_calibration, training_setup
 from hfedmoe.client import build_model, load_usable_corpus
 from hfedmoe.config import SPLIT_METHODS, ConfigError, RunConfig
 from hfedmoe.costs import client_budget
@@ -78,7 +78,7 @@ def _calibration(config: RunConfig, adapter: MoEAdapter, model_fingerprint: str
     try:
         calibration.check_fits(model_fingerprint, config.train.batch_size,
                                config.model.max_length, config.budget.mode,
-                               adapter.geometry.total_experts)
+                               adapter.geometry.total_experts, training_setup(config))
     except CalibrationError as exc:
         raise ConfigError(f"{key}: {config.budget.calibration}: {exc}") from None
     return calibration

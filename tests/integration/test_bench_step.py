@@ -55,27 +55,40 @@ def test_bench_step_writes_measured_rows_within_each_budget(tmp_path, capsys, mo
         assert all(r["expert_backward_flops_ratio"] > r["active_slot_share"] for r in small)
 
 
-def test_a_run_takes_device_budgets_from_a_bench_calibration(tmp_path, capsys):
+@pytest.mark.parametrize("setup", [[], ["train.adapter=lora", "model.quantization=nf4"]],
+                         ids=["experts", "lora-nf4"])
+def test_a_run_takes_device_budgets_from_a_bench_calibration(tmp_path, capsys, setup):
     """bench --json is a calibration: a run given it resolves device profiles through the
-    measured figures, sends them to its clients, stores them, and refuses another shape."""
-    from hfedmoe.calibration import load_calibration
+    measured figures, sends them to its clients, stores them, refuses another shape or
+    training setup, and the budget a profile gets fits the profile's memory as the run's
+    clients measured it (full expert training, and LoRA factors on a 4-bit base)."""
+    import math
+
+    from hfedmoe.calibration import MEMORY_HEADROOM, load_calibration
 
     cal_file = tmp_path / "bench.json"
-    tiny = ["--config", str(ROOT / "conf/tiny.toml")]
+    tiny = ["--config", str(ROOT / "conf/tiny.toml"),
+            *[arg for key in setup for arg in ("--set", key)]]
     assert main(["bench", "step", *tiny, "--budgets", "2,4,8", "--steps", "2",
                  "--repeats", "1", "--json", str(cal_file)]) == 0
     calibration = load_calibration(cal_file)
-    memory = calibration.peak_memory_bytes(8)
+    memory = math.ceil(calibration.peak_memory_bytes(8) * (1 + MEMORY_HEADROOM))
     expected = calibration.budget_for(memory, 1.0, min_budget=2)
     assert 8 <= expected <= TOTAL
+    assert calibration.budget_for(memory - 2, 1.0, min_budget=2) < 8  # the headroom counts
     out = tmp_path / "run"
     run = ["run", *tiny, "--set", f"budget.calibration={cal_file}", "--set",
-           f"budget.experts=mem={memory}B:speed=1.0,2", "--set", "num-server-rounds=1",
+           f"budget.experts=mem={memory}B:speed=1.0,2", "--set", "num-server-rounds=2",
            "--set", "checkpoint.every=0"]
     assert main([*run, "--out", str(out)]) == 0
-    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
-    budgets = {c["client_id"]: c["budget_experts"] for c in record["clients"]}
-    assert budgets == {0: expected, 1: 2, 2: expected}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    for record in records[1:]:
+        budgets = {c["client_id"]: c["budget_experts"] for c in record["clients"]}
+        assert budgets == {0: expected, 1: 2, 2: expected}
+        for client in record["clients"]:  # the profile's budget fits, as measured
+            assert client["max_active_experts_per_batch"] <= client["budget_experts"]
+            if client["client_id"] != 1:
+                assert client["peak_memory_bytes"] <= memory, client
     assert load_calibration(out / "calibration.json") == calibration
     assert "calibration" in json.loads((out / "inputs.json").read_text())
     capsys.readouterr()
@@ -85,3 +98,8 @@ def test_a_run_takes_device_budgets_from_a_bench_calibration(tmp_path, capsys):
                    f"{cal_file}: the calibration was measured with train.batch-size 8, "
                    f"the run has 4; measure it again with `hfedmoe bench step --json` on "
                    f"this run's settings"]
+    changed, what = (("model.quantization=none", "model.quantization nf4, the run has none")
+                     if setup else ("train.adapter=lora", "train.adapter none, the run has lora"))
+    assert main([*run, "--out", str(tmp_path / "other"), "--set", changed]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"the calibration was measured with {what};" in err[0]

@@ -43,15 +43,17 @@ def test_noisy_points_never_make_a_larger_budget_cheaper():
 
 def test_budget_for_takes_the_largest_budget_within_memory_and_time():
     c = calibration()
-    # memory: 120 + (C - 12) * 80 / 36 <= 130 MB  ->  C <= 16.5
-    assert c.budget_for(130 * MB, 1.0, min_budget=2) == 16
+    # memory: (120 + (C - 12) * 80 / 36) * 1.05 <= 136.5 MB  ->  C <= 16.5
+    assert c.budget_for(136.5 * MB, 1.0, min_budget=2) == 16
+    # the 5% headroom: 130 MB holds 123.8 MB of measured peak -> C <= 13.7
+    assert c.budget_for(130 * MB, 1.0, min_budget=2) == 13
     # time: 0.84 + 0.05 * (C - 6) / 6 <= 0.87  ->  C <= 9.6
     assert c.budget_for(10**12, 0.87, min_budget=2) == 9
     assert c.budget_for(10**12, 1.0, min_budget=2) == 48
     # below the floor (0.84 at the smallest measured budget): the smallest that fits
     assert c.budget_for(10**12, 0.5, min_budget=2) == 2
-    with pytest.raises(CalibrationError, match="'phone' has 99000000 bytes .* 100000000 bytes"):
-        c.budget_for(99 * MB, 1.0, min_budget=2, name="phone")
+    with pytest.raises(CalibrationError, match="'phone' has 104000000 bytes .* 100000000 bytes"):
+        c.budget_for(104 * MB, 1.0, min_budget=2, name="phone")  # 100 MB + 5% > 104 MB
 
 
 def test_resolve_budget_uses_the_calibration_for_profiles_only():
@@ -59,7 +61,7 @@ def test_resolve_budget_uses_the_calibration_for_profiles_only():
     spec = "mem=130MB:speed=0.87,7,all"
     got = [resolve_budget(spec, i, total_experts=48, min_budget=2, calibration=c)
            for i in range(3)]
-    assert got == [9, 7, 48]  # min(16 by memory, 9 by time); direct budgets unchanged
+    assert got == [9, 7, 48]  # min(13 by memory, 9 by time); direct budgets unchanged
 
 
 def test_from_bench_keeps_full_training_as_the_full_budget_point(tmp_path):
@@ -106,3 +108,35 @@ def test_check_fits_names_the_first_difference():
         c.check_fits("f" * 64, 8, 128, "one-pass", 48)
     with pytest.raises(CalibrationError, match="model fingerprint"):
         c.check_fits("0" * 64, 16, 128, "one-pass", 48)
+
+
+def test_a_calibration_of_full_training_does_not_fit_a_lora_run():
+    """Adapter, LoRA rank, quantization, ... change a step's memory several-fold: a run whose
+    training setup differs from the measured one is refused, naming the key; files written
+    before the setup was recorded count as measured with the defaults (full training)."""
+    from hfedmoe.calibration import SETUP_DEFAULTS
+    from hfedmoe.config import parse_run_config
+
+    full = calibration()
+    assert dict(full.setup) == SETUP_DEFAULTS
+    full.check_fits("f" * 64, 16, 128, "one-pass", 48, SETUP_DEFAULTS)
+    lora_nf4 = {**SETUP_DEFAULTS, "train.adapter": "lora", "lora.rank": 8,
+                "lora.targets": "experts", "lora.aggregation": "factors",
+                "model.quantization": "nf4"}
+    with pytest.raises(CalibrationError, match="train.adapter none, the run has lora"):
+        full.check_fits("f" * 64, 16, 128, "one-pass", 48, lora_nf4)
+    measured = Calibration.from_mapping({**json.loads(full.to_json()), "setup": lora_nf4})
+    measured.check_fits("f" * 64, 16, 128, "one-pass", 48, lora_nf4)
+    with pytest.raises(CalibrationError, match="lora.rank 8, the run has 16"):
+        measured.check_fits("f" * 64, 16, 128, "one-pass", 48, {**lora_nf4, "lora.rank": 16})
+    with pytest.raises(CalibrationError, match="model.quantization nf4, the run has none"):
+        measured.check_fits("f" * 64, 16, 128, "one-pass", 48,
+                            {**lora_nf4, "model.quantization": "none"})
+    assert Calibration.from_mapping(json.loads(measured.to_json())) == measured
+    # the run's side: what a config says, LoRA's keys only when it trains LoRA factors
+    from hfedmoe.calibration import training_setup
+
+    assert training_setup(parse_run_config({})) == SETUP_DEFAULTS
+    assert training_setup(parse_run_config({"train.adapter": "lora", "lora.rank": 8,
+                                            "model.quantization": "nf4"})) == lora_nf4
+    assert training_setup(parse_run_config({"lora.rank": 4})) == SETUP_DEFAULTS
