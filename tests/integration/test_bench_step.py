@@ -103,3 +103,21 @@ def test_a_run_takes_device_budgets_from_a_bench_calibration(tmp_path, capsys, s
     assert main([*run, "--out", str(tmp_path / "other"), "--set", changed]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"the calibration was measured with {what};" in err[0]
+
+
+def test_the_estimated_budget_of_a_lora_client_on_a_4bit_base_fits_as_measured(tmp_path):
+    """Without a calibration the cost model (hfedmoe.costs) charges a LoRA client its
+    quantized base, the dequantization workspace and its factors' state: the budget it gives
+    a profile is below the full budget and the clients' measured peaks fit the profile."""
+    memory = 14_000_000
+    out = tmp_path / "run"
+    assert main(["run", "--config", str(ROOT / "conf/tiny.toml"), "--set",
+                 "train.adapter=lora", "--set", "model.quantization=nf4", "--set",
+                 f"budget.experts=mem={memory}B:speed=1.0", "--set", "num-server-rounds=1",
+                 "--set", "data.num-clients=2", "--set", "checkpoint.every=0",
+                 "--out", str(out)]) == 0
+    record = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    for client in record["clients"]:
+        assert 2 <= client["budget_experts"] < TOTAL
+        assert client["max_active_experts_per_batch"] <= client["budget_experts"]
+        assert client["peak_memory_bytes"] <= memory, client
