@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import time
 import zlib
@@ -130,13 +131,33 @@ def client_datasets(config: RunConfig, partition_id: int, tokenizer=None,
                       len(corpus.label_names))
 
 
-def local_settings(config: RunConfig, seed: int, local_steps: int | None = None
-                   ) -> LocalTrainingSettings:
-    """The local-training settings of ``config`` (``local_steps`` overrides train.local-steps)."""
+def round_lr(config: RunConfig, server_round: int) -> float:
+    """The clients' AdamW learning rate in ``server_round`` (1-based) of R =
+    ``num-server-rounds``: ``train.lr`` throughout (``train.lr-schedule = "constant"``), or
+    annealed over the rounds (``"cosine"``, as FlowerTune's LLM baselines do, Loshchilov &
+    Hutter's SGDR without restarts):
+
+        lr_r = lr_min + (lr - lr_min) * (1 + cos(pi * (r - 1) / R)) / 2
+
+    so round 1 trains at ``train.lr`` and round R at just above ``train.lr-min``. Late rounds'
+    small steps keep non-IID clients from drifting apart once the global model is good
+    (docs/hfedmoe.md, "Default run"). A function of the round alone: resume and every runtime
+    give the same lr. Rounds past R (none in a run) keep round R's."""
+    train = config.train
+    if train.lr_schedule == "constant":
+        return train.lr
+    progress = (min(server_round, config.num_server_rounds) - 1) / config.num_server_rounds
+    return train.lr_min + (train.lr - train.lr_min) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def local_settings(config: RunConfig, seed: int, local_steps: int | None = None,
+                   server_round: int = 1) -> LocalTrainingSettings:
+    """The local-training settings of ``config`` in ``server_round`` (``local_steps``
+    overrides train.local-steps; the lr follows train.lr-schedule, :func:`round_lr`)."""
     return LocalTrainingSettings(
         local_steps=config.train.local_steps if local_steps is None else local_steps,
         batch_size=config.train.batch_size,
-        lr=config.train.lr,
+        lr=round_lr(config, server_round),
         weight_decay=config.train.weight_decay,
         aux_loss_coef=config.model.aux_loss_coef,
         seed=seed,
@@ -240,7 +261,7 @@ def run_client_round(config: RunConfig, partition_id: int, server_round: int,
     budget = client_budget(adapter, config, partition_id, node_budget, calibration)
     method = method_for(config)
     seed = round_seed(config.seed, server_round, partition_id)
-    settings = local_settings(config, seed)
+    settings = local_settings(config, seed, server_round=server_round)
     if not method.participates(budget, adapter.geometry):
         g = adapter.geometry
         return ClientRound(budget, {}, skipped_round(data.train.num_examples, g.num_layers,

@@ -45,6 +45,7 @@ FAILURE_MODES = ("raise", "hang")
 ATTACKS = ("sign-flip", "scale")
 EXPERT_STEPS = ("holders", "data-share")  # hfedmoe.aggregation.aggregate_experts
 ADAPTERS = ("none", "lora")  # train.adapter; hfedmoe.model.lora
+LR_SCHEDULES = ("constant", "cosine")  # train.lr-schedule: over rounds (hfedmoe.client.round_lr)
 QUANTIZATIONS = ("none", "nf4", "int8")  # model.quantization; hfedmoe.model.quantize
 LORA_TARGETS = ("experts",)
 LORA_AGGREGATIONS = ("factors", "frozen-a")  # hfedmoe.model.lora
@@ -240,9 +241,14 @@ class TrainConfig:
     evaluate_every: int  # client-side evaluation every k rounds (and the last round)
     adapter: str  # "none": experts train their weights; "lora": per-expert LoRA ([lora])
     packing: bool  # causal-lm: several examples per row of model.max-length tokens
+    lr_schedule: str = "constant"  # "cosine": the clients' lr anneals over the rounds
+    lr_min: float = 0.0  # cosine: the lr the annealing approaches after the last round
 
     def __post_init__(self) -> None:
         _choice("train.adapter", self.adapter, ADAPTERS)
+        _choice("train.lr-schedule", self.lr_schedule, LR_SCHEDULES)
+        _require(0 <= self.lr_min < self.lr, "train.lr-min", self.lr_min,
+                 f"a number >= 0 below train.lr ({self.lr:g})")
         _require(self.local_steps >= 1, "train.local-steps", self.local_steps, "an integer >= 1")
         _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
@@ -487,6 +493,10 @@ class RunConfig:
                  "'none' unless train.adapter = 'lora' (only frozen expert weights are quantized)")
         _require(not self.train.packing or self.task == "causal-lm", "train.packing",
                  self.train.packing, "false with task = 'classification' (one label per text)")
+        _require(self.train.lr_schedule == "constant" or self.method not in SPLIT_METHODS,
+                 "train.lr-schedule", self.train.lr_schedule,
+                 f"'constant' with method '{self.method}' (split learning keeps one optimizer "
+                 f"per client part across rounds)")
         _require(not self.train.packing or self.method not in SPLIT_METHODS, "train.packing",
                  self.train.packing, f"false with method '{self.method}' (split learning sends "
                  "padded rows across the cut)")
