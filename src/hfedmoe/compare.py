@@ -26,6 +26,10 @@ from hfedmoe.report import CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE
 SCALAR_FIELDS = ("final_accuracy", "final_personal_accuracy", "best_accuracy",
                  "rounds_to_target", "seconds_to_target", "bytes_up", "bytes_down",
                  "wall_seconds", "trained_rounds")
+# causal-lm runs' summaries also have these (hfedmoe.tasks.causal_lm; accuracy is then the
+# next-token accuracy on the held-out answers)
+LM_FIELDS = ("final_perplexity", "final_personal_perplexity", "final_exact_match",
+             "final_rouge_l")
 
 
 def rounds_to_target(summary: Mapping[str, Any], target: float) -> int | None:
@@ -58,14 +62,19 @@ def summarise_method(summaries: Sequence[Mapping[str, Any]], target: float) -> d
     rows = [{**s, "rounds_to_target": rounds_to_target(s, target),
              "seconds_to_target": seconds_to_target(s, target)} for s in summaries]
     by_round = list(zip(*(s["accuracy_by_round"] for s in summaries)))
+    fields = SCALAR_FIELDS + tuple(f for f in LM_FIELDS if any(f in s for s in summaries))
     return {
-        **{field: _stats([row.get(field) for row in rows]) for field in SCALAR_FIELDS},
+        **{field: _stats([row.get(field) for row in rows]) for field in fields},
         "accuracy_by_round_mean": [statistics.fmean(r) for r in by_round],
         "within_budget": all(c.get("within_budget", True) for s in summaries
                              for c in s["clients"]),
+        # the first seed's clients; peak memory and step time as measured in that run
         "clients": [{"client_id": c["client_id"], "budget_experts": c["budget_experts"],
                      "max_active_experts_per_batch": c["max_active_experts_per_batch"],
-                     "num_examples": c["num_examples"]} for c in summaries[0]["clients"]],
+                     "num_examples": c["num_examples"],
+                     "peak_memory_bytes": c.get("peak_memory_bytes"),
+                     "mean_step_seconds": c.get("mean_step_seconds")}
+                    for c in summaries[0]["clients"]],
     }
 
 
@@ -86,12 +95,34 @@ def comparison_table(comparison: Mapping[str, Any]) -> str:
         "| MiB up | MiB down | within budget |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
+    if any("final_perplexity" in m for m in comparison["methods"].values()):
+        return _lm_table(comparison, lines[0])
     for name, m in comparison["methods"].items():
         personal = m.get("final_personal_accuracy", {"mean": None})
         lines.append(
             f"| {name} | {_cell(m['final_accuracy'])} | {_cell(personal, missing='n/a')} "
             f"| {_cell(m['best_accuracy'])} "
             f"| {_cell(m['rounds_to_target'], digits=1)} | {_cell(m['seconds_to_target'], digits=0)} "
+            f"| {_cell(m['bytes_up'], 2**20, 1)} | {_cell(m['bytes_down'], 2**20, 1)} "
+            f"| {'yes' if m['within_budget'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _lm_table(comparison: Mapping[str, Any], heading: str) -> str:
+    """Causal-LM comparisons: held-out perplexity (global split; personalised when clients
+    hold test splits), exact match and ROUGE-L of the greedy answers, next-token accuracy."""
+    none = {"mean": None}
+    lines = [heading, "",
+             "| method | perplexity | personal perplexity | exact match | ROUGE-L "
+             "| next-token acc | MiB up | MiB down | within budget |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in comparison["methods"].items():
+        lines.append(
+            f"| {name} | {_cell(m.get('final_perplexity', none), digits=2, missing='n/a')} "
+            f"| {_cell(m.get('final_personal_perplexity', none), digits=2, missing='n/a')} "
+            f"| {_cell(m.get('final_exact_match', none), missing='n/a')} "
+            f"| {_cell(m.get('final_rouge_l', none), missing='n/a')} "
+            f"| {_cell(m['final_accuracy'])} "
             f"| {_cell(m['bytes_up'], 2**20, 1)} | {_cell(m['bytes_down'], 2**20, 1)} "
             f"| {'yes' if m['within_budget'] else 'no'} |")
     return "\n".join(lines) + "\n"

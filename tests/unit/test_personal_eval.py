@@ -111,3 +111,28 @@ def test_the_progress_line_shows_the_personal_accuracy_when_there_is_one():
 
     assert "personal accuracy 0.6000" in format_round_line(_record(1, 0.3, 0.6), 2)
     assert "personal" not in format_round_line(_record(0, 0.3, None), 2)
+
+
+def test_a_causal_lm_comparison_reports_perplexity_exact_match_and_rouge_l():
+    """Causal-LM summaries carry their generation metrics into comparison.json (mean ± std
+    over seeds) and comparison.md shows them; classification comparisons do not get them."""
+    def lm_record(number, perplexity, exact, rouge):
+        return {**_record(number, 0.5, None), "perplexity": perplexity,
+                "exact_match": exact, "rouge_l": rouge}
+
+    seeds = [build_summary("hfedmoe", [lm_record(0, 200.0, 0.0, 0.1),
+                                       lm_record(1, final, exact, 0.25)], 1.0, "causal-lm")
+             for final, exact in ((30.0, 0.125), (40.0, 0.375))]
+    stats = summarise_method(seeds, target=0.9)
+    assert stats["final_perplexity"] == {"mean": 35.0, "std": pytest.approx(7.0710678),
+                                         "values": [30.0, 40.0]}
+    assert stats["final_exact_match"]["mean"] == 0.25
+    assert stats["final_rouge_l"]["values"] == [0.25, 0.25]
+    table = comparison_table({"target_accuracy": 0.9, "seeds": [0, 1],
+                              "methods": {"hfedmoe": stats}}).splitlines()
+    assert "| method | perplexity | personal perplexity | exact match | ROUGE-L" in table[2]
+    assert table[4].startswith("| hfedmoe | 35.00 ± 7.07 | n/a | 0.250 ± 0.177 | 0.250 ± 0.000 "
+                               "| 0.500 ± 0.000 |")
+    classification = summarise_method([build_summary("flex", [_record(0, 0.2, None),
+                                                              _record(1, 0.3, 0.6)], 1.0)], 0.9)
+    assert "final_perplexity" not in classification
