@@ -38,7 +38,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from hfedmoe.aggregation import ClientUpdate, State, weighted_average
+from hfedmoe.aggregation import EXPERT_STEPS, ClientUpdate, State, weighted_average
 from hfedmoe.model.state import EXPERT, ROUTER, expert_of, parse_key
 from hfedmoe.training import sample_means
 
@@ -210,15 +210,22 @@ def consistent_holders(similarity: torch.Tensor, beta: float) -> torch.Tensor:
 def aggregate_consistent_experts(global_state: Mapping[str, torch.Tensor],
                                  updates: Sequence[ClientUpdate],
                                  holders: Mapping[int, torch.Tensor], beta: float,
-                                 consistency: bool = True) -> tuple[State, dict]:
+                                 consistency: bool = True, step: str = "holders"
+                                 ) -> tuple[State, dict]:
     """Every ``expert.<l>.<e>.*`` key: the |D_c|-weighted mean over the consistent holders.
 
     ``holders[c]``: (L, S) bool, the experts client c may contribute (it trained them; for
     hfedmoe-align also in its dominant set S_c); a holder must have uploaded every tensor of
     the expert. ``consistency`` False: every holder is kept (the ablation). An expert with no
     holder, or none kept, keeps its global value. Non-expert keys are returned unchanged.
+    ``step = "data-share"`` (hfedmoe-align with ``hfedmoe.expert-step = "data-share"``): the
+    expert moves from its global value towards that mean only by the kept holders' share of
+    the round's examples, as hfedmoe.aggregation.aggregate_experts does for HFedMoE.
     Diagnostics: ``{"excluded": [[layer, expert, client_id], ...], "experts_aggregated": n}``.
     """
+    if step not in EXPERT_STEPS:
+        raise ValueError(f"expert step '{step}' is not one of {', '.join(EXPERT_STEPS)}")
+    examples = float(sum(u.num_examples for u in updates)) if step == "data-share" else None
     by_expert: dict[tuple[int, int], list[str]] = {}
     for key in global_state:
         address = expert_of(key)
@@ -237,6 +244,7 @@ def aggregate_consistent_experts(global_state: Mapping[str, torch.Tensor],
             members = [u for u, k in zip(members, kept) if k]
         aggregated += bool(members)
         new_state.update(weighted_average({k: global_state[k] for k in keys}, members,
-                                          lambda u, _k: float(u.num_examples)))
+                                          lambda u, _k: float(u.num_examples),
+                                          total_weight=examples))
     return ({k: new_state[k] for k in global_state},
             {"excluded": excluded, "experts_aggregated": aggregated})

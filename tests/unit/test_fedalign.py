@@ -190,6 +190,15 @@ def test_a_sign_flipped_copy_is_excluded_and_the_rest_averaged():
     assert diagnostics["excluded"] == []
     expected = sum(u.num_examples * u.state["expert.0.0.w"] for u in updates) / 100
     assert torch.allclose(plain["expert.0.0.w"], expected, atol=1e-6)
+    # hfedmoe-align with hfedmoe.expert-step = "data-share": from g towards the consistent
+    # holders' mean by their share of the round's examples (60 of 100 for expert (0, 0))
+    damped, _ = alignment.aggregate_consistent_experts(global_state, updates, holders, 0.5,
+                                                       step="data-share")
+    g = global_state["expert.0.0.w"]
+    mean = sum(u.num_examples * u.state["expert.0.0.w"] for u in kept) / 60
+    assert torch.allclose(damped["expert.0.0.w"], g + 0.6 * (mean - g), atol=1e-6)
+    with pytest.raises(ValueError, match="expert step 'half'"):
+        alignment.aggregate_consistent_experts(global_state, updates, holders, 0.5, step="half")
 
 
 def test_threshold_hand_computed_and_degenerate_cases():
@@ -252,6 +261,17 @@ def test_hfedmoe_align_with_every_mechanism_off_is_hfedmoe():
     # with the mechanisms on, the result differs (they do something)
     on, _ = align.aggregate(global_state, updates)
     assert not all(torch.allclose(on[k], theirs[k], atol=1e-6) for k in global_state)
+    # hfedmoe.expert-step = "data-share" reaches the consistent aggregation: with a threshold
+    # that keeps every holder it is hfedmoe-data-share's step exactly
+    shared = parse_run_config({"method": "hfedmoe-align", "hfedmoe.expert-step": "data-share",
+                               "fedalign.consistency-beta": 1e9})
+    keep_all = replace(method_for(shared), gate=False, routing_weight=0.0)
+    damped = method_for(parse_run_config({"method": "hfedmoe-data-share"}))
+    ours, _ = keep_all.aggregate(global_state, updates)
+    theirs, _ = damped.aggregate(global_state, updates)
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-6) for k in global_state)
+    plain, _ = off.aggregate(global_state, updates)
+    assert not all(torch.allclose(ours[k], plain[k], atol=1e-6) for k in global_state)
 
 
 def test_configuration_checks():

@@ -119,8 +119,9 @@ class FedAlignMethod:
         holders = self._holders(trained)
         experts = split_kind(global_state, EXPERT)
         if self.consistency or self.budgeted is None:
+            step = self.budgeted.expert_step if self.budgeted is not None else "holders"
             expert_state, diagnostics = aggregate_consistent_experts(
-                experts, trained, holders, self.consistency_beta, self.consistency)
+                experts, trained, holders, self.consistency_beta, self.consistency, step)
         else:  # hfedmoe-align without (c): HFedMoE's Eq. 17 exactly
             expert_state, diagnostics = _hfedmoe_experts(self.budgeted, experts, trained)
         routers = split_kind(global_state, ROUTER)
