@@ -10,7 +10,7 @@ import torch
 
 from hfedmoe.bench import count_step
 from hfedmoe.config import ConfigError, parse_run_config
-from hfedmoe.model import UnsupportedModelError, load_adapter
+from hfedmoe.model import load_adapter
 from hfedmoe.model.lora import LoRASettings
 from hfedmoe.model.sparse_experts import run_group
 from hfedmoe.model.state import set_trainable
@@ -174,9 +174,40 @@ def test_merging_keeps_the_outputs_and_leaves_a_plain_model():
     assert not torch.allclose(before, _logits(_adapter(lora=None), batch), atol=1e-5)
 
 
-def test_lora_is_refused_for_switch_and_bad_settings_name_the_key():
-    with pytest.raises(UnsupportedModelError, match="train.adapter"):
-        _adapter("switch_transformers")
+def test_switch_experts_take_factors_run_grouped_merge_and_quantize():
+    """SwitchTransformers' T5 experts (wo(dropout(act(wi x)))) as SwitchExpert: the grouped
+    kernel equals W + (alpha / r)·B·A written out, B = 0 is the base model, merging keeps the
+    logits, and an nf4 base stays within the quantization's tolerance."""
+    from hfedmoe.model.switch import SwitchExpert
+
+    base, adapter = _adapter("switch_transformers", None), _adapter("switch_transformers")
+    batch = _batch()
+    assert torch.equal(_logits(base, batch), _logits(adapter, batch))  # B = 0
+    assert set(adapter.expert_parameters(0, 0)) == {"lora.wi.A", "lora.wi.B", "lora.wo.A",
+                                                    "lora.wo.B"}
+    _randomise_b(adapter)
+    experts = list(adapter.banks[0].experts)[:3]
+    assert all(type(e) is SwitchExpert for e in experts)
+    sizes = [4, 0, 6]
+    x = torch.randn(sum(sizes), experts[0].wi.weight.shape[1],
+                    generator=torch.Generator().manual_seed(2))
+    reference = []
+    for e, part in zip(experts, x.split(sizes)):
+        wi = e.wi.weight + SETTINGS.scaling * e.lora["wi"].B @ e.lora["wi"].A
+        wo = e.wo.weight + SETTINGS.scaling * e.lora["wo"].B @ e.lora["wo"].A
+        reference.append(torch.nn.functional.linear(e.act(part @ wi.T), wo))
+    assert torch.allclose(run_group(experts, x, sizes), torch.cat(reference), atol=1e-5)
+    before = _logits(adapter, batch)
+    assert not torch.allclose(before, _logits(base, batch), atol=1e-4)
+    adapter.merge_lora()
+    assert torch.allclose(_logits(adapter, batch), before, atol=1e-5)
+    quantized = _adapter("switch_transformers")
+    quantized.quantize_experts("nf4")
+    error = (_logits(quantized, batch) - _logits(base, batch)).abs().max()
+    assert 0 < error < 0.05 * _logits(base, batch).abs().max()
+
+
+def test_bad_lora_settings_name_the_key():
     for key, value in (("lora.rank", 0), ("lora.dropout", 1.0), ("lora.alpha", -1.0),
                        ("train.adapter", "qlora")):
         with pytest.raises(ConfigError, match=key):
