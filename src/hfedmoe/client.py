@@ -142,7 +142,9 @@ def round_lr(config: RunConfig, server_round: int) -> float:
     so round 1 trains at ``train.lr`` and round R at just above ``train.lr-min``. Late rounds'
     small steps keep non-IID clients from drifting apart once the global model is good
     (docs/hfedmoe.md, "Default run"). A function of the round alone: resume and every runtime
-    give the same lr. Rounds past R (none in a run) keep round R's."""
+    give the same lr. Rounds past R (none in a run) keep round R's. Split-learning methods
+    (ho-sfl, sfl, zo-sfl) keep one optimizer per side across rounds on the server and do not
+    follow the schedule: their lr stays ``train.lr`` / ``ho-sfl.client-lr``."""
     train = config.train
     if train.lr_schedule == "constant":
         return train.lr

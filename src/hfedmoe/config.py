@@ -493,10 +493,6 @@ class RunConfig:
                  "'none' unless train.adapter = 'lora' (only frozen expert weights are quantized)")
         _require(not self.train.packing or self.task == "causal-lm", "train.packing",
                  self.train.packing, "false with task = 'classification' (one label per text)")
-        _require(self.train.lr_schedule == "constant" or self.method not in SPLIT_METHODS,
-                 "train.lr-schedule", self.train.lr_schedule,
-                 f"'constant' with method '{self.method}' (split learning keeps one optimizer "
-                 f"per client part across rounds)")
         _require(not self.train.packing or self.method not in SPLIT_METHODS, "train.packing",
                  self.train.packing, f"false with method '{self.method}' (split learning sends "
                  "padded rows across the cut)")
