@@ -247,11 +247,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _choice("train.adapter", self.adapter, ADAPTERS)
         _choice("train.lr-schedule", self.lr_schedule, LR_SCHEDULES)
-        _require(0 <= self.lr_min < self.lr, "train.lr-min", self.lr_min,
-                 f"a number >= 0 below train.lr ({self.lr:g})")
         _require(self.local_steps >= 1, "train.local-steps", self.local_steps, "an integer >= 1")
         _require(self.batch_size >= 1, "train.batch-size", self.batch_size, "an integer >= 1")
         _require(self.lr > 0, "train.lr", self.lr, "a number > 0")
+        _require(0 <= self.lr_min < self.lr, "train.lr-min", self.lr_min,
+                 f"a number >= 0 below train.lr ({self.lr:g})")
         _require(self.weight_decay >= 0, "train.weight-decay", self.weight_decay, "a number >= 0")
         _require(0 < self.fraction_train <= 1, "train.fraction-train", self.fraction_train,
                  "a number in (0, 1]")
