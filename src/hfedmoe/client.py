@@ -95,11 +95,12 @@ def round_seed(seed: int, server_round: int, client_id: int) -> int:
 def build_model(config: RunConfig, num_labels: int) -> MoEAdapter:
     """The run's model with its task's head (``num_labels``: classes; unused by causal-lm),
     and each expert's LoRA factors with ``train.adapter = "lora"`` (hfedmoe.model.lora;
-    raises UnsupportedModelError for a family whose experts take none), the frozen expert
+    raises UnsupportedModelError for a family whose experts take none; with ``lora.targets =
+    "experts+attention"`` the attention projections' factors too), the frozen expert
     weights quantized with ``model.quantization`` (hfedmoe.model.quantize)."""
     adapter = task_for(config.task).build_adapter(config.model, num_labels, config.seed)
     if config.train.adapter == "lora":
-        adapter.attach_lora(config.lora.settings(), config.seed)
+        adapter.attach_lora(config.lora.settings(), config.seed, attention=config.lora.attention)
         adapter.quantize_experts(config.model.quantization)
     return adapter
 
@@ -141,8 +142,11 @@ def round_lr(config: RunConfig, server_round: int) -> float:
 
     so round 1 trains at ``train.lr`` and round R at just above ``train.lr-min``. Late rounds'
     small steps keep non-IID clients from drifting apart once the global model is good
-    (docs/hfedmoe.md, "Default run"). A function of the round alone: resume and every runtime
-    give the same lr. Rounds past R (none in a run) keep round R's. Split-learning methods
+    (docs/hfedmoe.md, "Default run"). A function of the round and R alone, held nowhere: a
+    run resumed with the same R, and every runtime, give the same lr; a run resumed with a
+    larger R follows the new R's schedule from the resumed round on (a jump up under
+    ``"cosine"``, as a transformers Trainer resumed with more steps). Rounds past R (none in a
+    run) keep round R's. Split-learning methods
     (ho-sfl, sfl, zo-sfl) keep one optimizer per side across rounds on the server and do not
     follow the schedule: their lr stays ``train.lr`` / ``ho-sfl.client-lr``."""
     train = config.train

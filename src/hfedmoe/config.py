@@ -47,7 +47,7 @@ EXPERT_STEPS = ("holders", "data-share")  # hfedmoe.aggregation.aggregate_expert
 ADAPTERS = ("none", "lora")  # train.adapter; hfedmoe.model.lora
 LR_SCHEDULES = ("constant", "cosine")  # train.lr-schedule: over rounds (hfedmoe.client.round_lr)
 QUANTIZATIONS = ("none", "nf4", "int8")  # model.quantization; hfedmoe.model.quantize
-LORA_TARGETS = ("experts",)
+LORA_TARGETS = ("experts", "experts+attention")  # lora.targets; hfedmoe.model.lora
 LORA_AGGREGATIONS = ("factors", "frozen-a")  # hfedmoe.model.lora
 BUDGET_MODES = ("one-pass", "recompute")  # hfedmoe.model.sparse_experts
 OPTIMIZER_STATES = ("batch", "round")  # hfedmoe.training.drop_idle_expert_state
@@ -268,7 +268,8 @@ class LoRAConfig:
     rank: int  # r of every expert projection's factors
     alpha: float  # the update is scaled by alpha / r
     dropout: float  # dropout on the factors' input
-    targets: str  # what gets factors: "experts" (every routed expert's projections)
+    targets: str  # what gets factors: "experts" (every routed expert's projections),
+    # "experts+attention" (and every attention projection: q, k, v, o or the family's names)
     aggregation: str  # "factors": A and B trained and averaged apart; "frozen-a": only B
 
     def __post_init__(self) -> None:
@@ -278,6 +279,11 @@ class LoRAConfig:
                  "a finite number > 0")
         _require(0 <= self.dropout < 1, "lora.dropout", self.dropout, "a number in [0, 1)")
         _choice("lora.targets", self.targets, LORA_TARGETS)
+
+    @property
+    def attention(self) -> bool:
+        """Whether attention projections get factors too."""
+        return self.targets == "experts+attention"
 
     def settings(self) -> "LoRASettings":
         from hfedmoe.model.lora import LoRASettings
@@ -491,6 +497,10 @@ class RunConfig:
         _require(self.model.quantization == "none" or self.train.adapter == "lora",
                  "model.quantization", self.model.quantization,
                  "'none' unless train.adapter = 'lora' (only frozen expert weights are quantized)")
+        _require(not (self.train.adapter == "lora" and self.lora.attention)
+                 or self.model.trainable_non_expert == "head", "model.trainable-non-expert",
+                 self.model.trainable_non_expert, "'head' with lora.targets = "
+                 "'experts+attention' (with 'all' attention weights train fully: no factors)")
         _require(not self.train.packing or self.task == "causal-lm", "train.packing",
                  self.train.packing, "false with task = 'classification' (one label per text)")
         _require(not self.train.packing or self.method not in SPLIT_METHODS, "train.packing",

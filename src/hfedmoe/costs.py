@@ -68,7 +68,12 @@ def training_costs(adapter: MoEAdapter, config: RunConfig) -> tuple[ExpertCost, 
     # a frozen base's grouped products hold one projection of one layer's experts in float32
     workspace = (geometry.num_experts * max((p.numel() for _, p in expert), default=0) * 4
                  if config.train.adapter == "lora" else 0)
-    base = (tensor_bytes(adapter.model.parameters()) + workspace + 3 * tensor_bytes(non_expert)
+    # attention factors (lora.targets = "experts+attention"): each keeps its input (tokens, in)
+    # for A's gradient and A's output (tokens, r) for B's (an upper bound: q, k, v share one input)
+    attention = sum(4 * tokens * (f.A.shape[0] + f.A.shape[1])
+                    for f in adapter.attention_factors().values())
+    base = (tensor_bytes(adapter.model.parameters()) + workspace + attention
+            + 3 * tensor_bytes(non_expert)
             + 4 * tokens * hidden * ACTIVATION_FLOATS_PER_TOKEN_LAYER * geometry.num_layers
             + LOGIT_COPIES * 4 * tokens * vocab)
     return cost, base

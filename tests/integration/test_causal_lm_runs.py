@@ -87,10 +87,11 @@ def test_every_method_runs_on_causal_lm_within_its_budgets(tmp_path, method):
     assert all(c["within_budget"] for c in clients) != ignores_budgets, clients
 
 
-@pytest.mark.parametrize("aggregation, quantization", [("factors", "none"),
-                                                       ("frozen-a", "none"), ("factors", "nf4")])
+@pytest.mark.parametrize("aggregation, quantization, targets", [
+    ("factors", "none", "experts"), ("frozen-a", "none", "experts"), ("factors", "nf4", "experts"),
+    ("factors", "none", "experts+attention")])
 def test_lora_run_leaves_a_merged_model_and_an_adapter_peft_loads(tmp_path, aggregation,
-                                                                  quantization):
+                                                                  quantization, targets):
     """A LoRA run's final-model/ is the merged model, final-model/base the base it started
     from (dequantized when the experts were held quantized) and final-model/adapter a peft
     adapter: peft's model on the base and the merged model both reproduce hfedmoe's own
@@ -102,7 +103,10 @@ def test_lora_run_leaves_a_merged_model_and_an_adapter_peft_loads(tmp_path, aggr
     config, _ = run(tmp_path, method="hfedmoe", **{
         "num-server-rounds": 1, "train.local-steps": 4, "generate.examples": 0,
         "budget.experts": "4,8,16", "train.adapter": "lora", "lora.rank": 4,
-        "lora.aggregation": aggregation, "model.quantization": quantization})
+        "lora.aggregation": aggregation, "model.quantization": quantization,
+        "lora.targets": targets,
+        # attention factors need the attention weights frozen (tiny-lm trains them: "all")
+        "model.trainable-non-expert": "head" if targets == "experts+attention" else "all"})
     folder = tmp_path / "run" / "final-model"
     adapter = build_model(config, 0)
     final = load_latest(tmp_path / "run" / "checkpoints").global_state
@@ -123,7 +127,9 @@ def test_lora_run_leaves_a_merged_model_and_an_adapter_peft_loads(tmp_path, aggr
     assert (ours[real] - before[real]).abs().max() > 1e-2  # the adapter changes the model
     # the adapter holds the experts' factors and the trained modules, not the base weights
     lora_params = [n for n, _ in peft_model.named_parameters() if ".lora_" in n]
-    assert len(lora_params) == 2 * 2 * adapter.geometry.num_layers  # A, B x 2 projections
+    attention = 2 * len(adapter.attention_factors())  # A, B of each attention projection
+    assert len(lora_params) == 2 * 2 * adapter.geometry.num_layers + attention  # experts: 2 proj.
+    assert (attention > 0) == (targets == "experts+attention")
     size = (folder / "adapter" / "adapter_model.safetensors").stat().st_size
     assert size < (folder / "base" / "model.safetensors").stat().st_size
 

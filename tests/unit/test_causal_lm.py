@@ -108,10 +108,12 @@ def test_export_loads_with_stock_transformers_and_computes_the_same_logits(tmp_p
 
 
 
-@pytest.mark.parametrize("family", FUSED_FAMILIES + ("gpt_oss",))
-def test_peft_loads_the_lora_adapter_export_with_the_same_logits(tmp_path, family):
+@pytest.mark.parametrize("family,attention", [(f, False) for f in FUSED_FAMILIES + ("gpt_oss",)]
+                         + [("qwen2_moe", True), ("gpt_oss", True)])
+def test_peft_loads_the_lora_adapter_export_with_the_same_logits(tmp_path, family, attention):
     """Every expert's own (random) factors, re-laid out into peft's fused-expert LoRA: peft's
-    model on the exported base computes hfedmoe's logits (the routers, trained, travel whole)."""
+    model on the exported base computes hfedmoe's logits (the routers, trained, travel whole);
+    with ``attention`` the attention projections' factors are peft's target_modules."""
     from peft import PeftModel
 
     from hfedmoe.model.lora import LoRASettings
@@ -121,8 +123,9 @@ def test_peft_loads_the_lora_adapter_export_with_the_same_logits(tmp_path, famil
     tokenizer = load_tokenizer(lm_config(family).model)
     export_causal_lm(adapter.model, adapter.banks, tokenizer, tmp_path / "base")
     settings = LoRASettings(rank=4, alpha=6.0, dropout=0.0)
-    adapter.attach_lora(settings, seed=0)
+    adapter.attach_lora(settings, seed=0, attention=attention)
     params = set_trainable(adapter, "head")
+    assert bool(adapter.attention_factors()) == attention
     with torch.no_grad():  # trained-looking: every B non-zero, routers moved
         for p in params.values():
             p.add_(0.05 * torch.randn_like(p))
@@ -138,6 +141,14 @@ def test_peft_loads_the_lora_adapter_export_with_the_same_logits(tmp_path, famil
     real = mask.bool()
     assert torch.allclose(ours[real], theirs[real], atol=1e-4)
     assert (ours[real] - before[real]).abs().max() > 1e-2
+    if attention:  # the adapter holds the attention factors as they are
+        import json
+        targets = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())[
+            "target_modules"]
+        inner = sorted(name.split(".", 1)[1] for name in targets)  # (model. / backbone.)
+        assert inner == sorted(name.split(".", 1)[1] for name in adapter.attention_factors())
+        assert {name.rsplit(".", 1)[1] for name in inner} == {"q_proj", "k_proj", "v_proj",
+                                                              "o_proj"}
 
 def test_usable_corpus_drops_pairs_whose_prompt_fills_max_length():
     tokenizer = load_tokenizer(lm_config().model)

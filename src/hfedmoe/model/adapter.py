@@ -117,9 +117,14 @@ class MoEAdapter(Protocol):
         """One expert's own weights (trainable or, with LoRA factors, frozen), by short name."""
         ...
 
-    def attach_lora(self, settings: "LoRASettings", seed: int) -> None:
+    def attach_lora(self, settings: "LoRASettings", seed: int, attention: bool = False) -> None:
         """Give every routed expert its own LoRA factors (hfedmoe.model.lora); they become
-        the experts' parameters in :meth:`expert_parameters`."""
+        the experts' parameters in :meth:`expert_parameters`. ``attention``: the attention
+        projections get factors too, among :meth:`non_expert_parameters`."""
+        ...
+
+    def attention_factors(self) -> "Mapping[str, nn.Module]":
+        """The attention projections' LoRAFactors by projection name (empty if none)."""
         ...
 
     def quantize_experts(self, scheme: str) -> None:

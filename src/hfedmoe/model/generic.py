@@ -21,11 +21,16 @@ from torch import nn
 from hfedmoe.model.adapter import BackwardPlan, MoEGeometry, OnlinePlan, RoutingTrace
 from hfedmoe.model.classifier import HEAD_PREFIX, MoEClassifier
 from hfedmoe.model.lora import (
+    LINEAR_FACTORS,
     LORA_PREFIX,
+    LoRAFactors,
     LoRASettings,
     attach_factors,
+    attach_linear_factors,
+    attention_projections,
     is_trainable_factor,
     merge_factors,
+    merge_linear_factors,
 )
 from hfedmoe.model.quantize import dequantize_weights, quantize_weights
 from hfedmoe.model.sparse_experts import SparseExperts
@@ -66,6 +71,9 @@ class ModelAdapter:
         self._routing = routing
         self._non_expert = _non_expert_names(model, banks, routers, set(input_embedding_names))
         self._lora: LoRASettings | None = None  # the experts' LoRA factors (attach_lora)
+        # attention projections with factors (attach_lora(attention=True)): name -> (module,
+        # the forward hook that adds the factors' update)
+        self._adapted: dict[str, tuple[nn.Linear, Any]] = {}
 
     # --- live parameters -------------------------------------------------------------
 
@@ -100,11 +108,14 @@ class ModelAdapter:
             weights[name] = p
         return weights
 
-    def attach_lora(self, settings: LoRASettings, seed: int) -> None:
+    def attach_lora(self, settings: LoRASettings, seed: int, attention: bool = False) -> None:
         """Give every routed expert its own LoRA factors (hfedmoe.model.lora), seeded by
         (``seed``, layer, expert, projection); from then on they are the experts' trainable
-        parameters and the base weights stay frozen. Raises :class:`UnsupportedModelError`
-        for a family whose experts have no LoRA targets (SwitchTransformers' T5 experts)."""
+        parameters and the base weights stay frozen. ``attention``: every attention projection
+        (``lora.targets = "experts+attention"``) gets factors too, seeded by (``seed``, its
+        name); they are non-expert parameters (:meth:`non_expert_parameters`, any scope).
+        Raises :class:`UnsupportedModelError` for a family whose experts have no LoRA targets,
+        or (``attention``) whose attention has no ``nn.Linear`` projections."""
         for bank in self.banks:
             for index, expert in enumerate(bank.experts):
                 if not hasattr(expert, "lora_targets"):
@@ -112,7 +123,20 @@ class ModelAdapter:
                         f"train.adapter = \"lora\" is not supported for {self.family} experts "
                         f"({type(expert).__name__}); use train.adapter = \"none\"")
                 attach_factors(expert, settings, seed, bank.layer_index, index)
+        if attention:
+            projections = attention_projections(self.model, [*self.banks, *self.routers])
+            if not projections:
+                raise UnsupportedModelError(
+                    f"lora.targets = \"experts+attention\": no attention projections (nn.Linear "
+                    f"inside an *Attention module) found in {self.family}; use \"experts\"")
+            for name, linear in projections.items():
+                self._adapted[name] = (linear, attach_linear_factors(linear, name, settings, seed))
         self._lora = settings
+
+    def attention_factors(self) -> dict[str, LoRAFactors]:
+        """The attention projections' LoRA factors by the projection's name in ``model``
+        (empty unless ``attach_lora(..., attention=True)``)."""
+        return {name: getattr(linear, LINEAR_FACTORS) for name, (linear, _) in self._adapted.items()}
 
     def quantize_experts(self, scheme: str) -> None:
         """Hold every routed expert's LoRA target weights (its projections) quantized with
@@ -134,6 +158,9 @@ class ModelAdapter:
             for expert in bank.experts:
                 if len(getattr(expert, "lora", ())):
                     merge_factors(expert)
+        for linear, hook in self._adapted.values():
+            merge_linear_factors(linear, hook)
+        self._adapted = {}
         self._lora = None
 
     def router_parameters(self, layer: int) -> dict[str, nn.Parameter]:
@@ -144,14 +171,21 @@ class ModelAdapter:
     def non_expert_parameters(self, scope: str) -> dict[str, nn.Parameter]:
         """``"head"``: the head (``classifier.*``, or ``lm_head.*`` of a causal LM when its
         head is not tied to the input embedding); ``"all"``: every parameter that is not a routed
-        expert, a router or an input embedding. Returned regardless of ``requires_grad``;
+        expert, a router or an input embedding. Both scopes add the attention projections'
+        LoRA factors when there are some (``<projection>.lora.A`` / ``.B``; only the B factors
+        with ``lora.aggregation = "frozen-a"``). Returned regardless of ``requires_grad``;
         names are the model's own (``backbone.…`` / ``classifier.…``)."""
         if scope not in SCOPES:
             raise ValueError(f"scope must be one of {', '.join(SCOPES)}; got {scope!r}")
         named = dict(self.model.named_parameters())
         head = getattr(self.model, "head_prefix", HEAD_PREFIX)
         keep = [n for n in self._non_expert if scope == "all" or n.startswith(head)]
-        return {name: named[name] for name in keep}
+        params = {name: named[name] for name in keep}
+        for name, factors in self.attention_factors().items():
+            for short, p in factors.named_parameters():
+                if is_trainable_factor(f"{LORA_PREFIX}{short}", self._lora):
+                    params[f"{name}.{LINEAR_FACTORS}.{short}"] = p
+        return params
 
     # --- context managers ------------------------------------------------------------
 

@@ -145,3 +145,55 @@ def merge_factors(expert: nn.Module) -> None:
         for name, value in merged.items():
             targets[name].copy_(value)
     expert.lora.clear()
+
+
+# --- factors on attention projections (lora.targets = "experts+attention") ---------------
+
+LINEAR_FACTORS = "lora"  # submodule name of an adapted nn.Linear's LoRAFactors
+
+
+def attention_projections(model: nn.Module, skip: Sequence[nn.Module] = ()) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` inside an attention module of ``model`` (a module whose class name
+    contains "Attention": ``LlamaAttention``'s q/k/v/o_proj, ``BertAttention``'s query, key,
+    value and output dense, T5's q/k/v/o, ...), by its name in ``model``, in module order;
+    modules inside ``skip`` (expert banks, routers) are left out."""
+    skipped = {id(m) for owner in skip for m in owner.modules()}
+    found: dict[str, nn.Linear] = {}
+    for name, module in model.named_modules():
+        if "Attention" not in type(module).__name__ or id(module) in skipped:
+            continue
+        for sub_name, sub in module.named_modules():
+            if isinstance(sub, nn.Linear) and id(sub) not in skipped:
+                found.setdefault(f"{name}.{sub_name}" if name else sub_name, sub)
+    return found
+
+
+def _add_factor_output(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook of an adapted nn.Linear: x Wᵀ + b + scaling · (dropout(x) Aᵀ) Bᵀ."""
+    return output + getattr(module, LINEAR_FACTORS)(inputs[0])
+
+
+def attach_linear_factors(linear: nn.Linear, name: str, settings: LoRASettings,
+                          seed: int) -> torch.utils.hooks.RemovableHandle:
+    """Give ``linear`` (weight (out, in), frozen) its own :class:`LoRAFactors` as the submodule
+    ``lora`` (parameters ``<name>.lora.A`` / ``.B``), seeded by (``seed``, ``name``) so every
+    process builds the same, and a forward hook that adds their update to its output; returns
+    the hook's handle (:func:`merge_linear_factors` removes it). Raises ValueError if
+    ``linear`` already has factors."""
+    if hasattr(linear, LINEAR_FACTORS):
+        raise ValueError(f"'{name}' already has LoRA factors")
+    generator = torch.Generator().manual_seed(zlib.crc32(f"lora/{seed}/linear/{name}".encode()))
+    weight = linear.weight
+    linear.add_module(LINEAR_FACTORS, LoRAFactors(weight.shape[0], weight.shape[1], settings,
+                                                  generator, weight.dtype).to(weight.device))
+    return linear.register_forward_hook(_add_factor_output)
+
+
+def merge_linear_factors(linear: nn.Linear, hook: torch.utils.hooks.RemovableHandle) -> None:
+    """Fold ``linear``'s factors into its weight (W ← W + ΔW), remove ``hook`` and the factors:
+    a plain nn.Linear with the same outputs (dropout off)."""
+    factors = getattr(linear, LINEAR_FACTORS)
+    with torch.no_grad():
+        linear.weight.add_(factors.delta_weight().to(linear.weight.dtype))
+    hook.remove()
+    delattr(linear, LINEAR_FACTORS)

@@ -19,6 +19,10 @@ peft is used here and not in training: its fused-expert LoRA computes every expe
 on every forward and refuses dropout, so it cannot give a budget any saving (docs/lora.md).
 The adapter's ``lora_dropout`` is 0 for the same reason (dropout acts only in training).
 
+Attention projections with factors (``lora.targets = "experts+attention"``; an ``nn.Linear``
+whose forward hook adds ``scaling · B A x``, hfedmoe.model.lora) are peft's plain
+``target_modules``: its ``lora_A`` (r, in) and ``lora_B`` (out, r) are our A and B as they are.
+
 What else trained travels whole, as peft's ``modules_to_save``: the routers, and the
 non-expert modules of ``model.trainable-non-expert`` (the head; with ``"all"`` the attention,
 norms and shared experts too).
@@ -32,7 +36,7 @@ from typing import Iterable, Mapping, Sequence
 import torch
 from torch import nn
 
-from hfedmoe.model.lora import LoRASettings
+from hfedmoe.model.lora import LINEAR_FACTORS, LoRAFactors, LoRASettings
 from hfedmoe.model.sparse_experts import SparseExperts
 
 ADAPTER_NAME = "default"  # peft's name of a model's first adapter
@@ -47,12 +51,20 @@ def peft_factors(factors: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tens
     return lora_a, lora_b.reshape(lora_b.shape[0], -1)  # column j·S + e = B_e[:, j]
 
 
+def adapted_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The ``nn.Linear`` modules of ``model`` that carry LoRA factors (attention projections
+    under ``lora.targets = "experts+attention"``), by name, in module order."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and isinstance(getattr(m, LINEAR_FACTORS, None), LoRAFactors)}
+
+
 def trained_module_names(model: nn.Module, trained: Iterable[nn.Parameter],
-                         banks: Sequence[SparseExperts]) -> list[str]:
-    """Names in ``model`` of the modules owning the ``trained`` parameters that are not routed
-    experts' (routers, head, ...), one per module, sorted; raises ValueError when such a
-    module also holds a frozen parameter (peft's ``modules_to_save`` saves modules whole)."""
-    expert_ids = {id(p) for bank in banks for p in bank.parameters()}
+                         adapted: Sequence[nn.Module]) -> list[str]:
+    """Names in ``model`` of the modules owning the ``trained`` parameters that are not inside
+    ``adapted`` (expert banks, projections with factors): routers, head, ...; one per module,
+    sorted. Raises ValueError when such a module also holds a frozen parameter (peft's
+    ``modules_to_save`` saves modules whole)."""
+    expert_ids = {id(p) for module in adapted for p in module.parameters()}
     trained_ids = {id(p) for p in trained} - expert_ids
     owners: set[str] = set()
     for name, param in model.named_parameters():
@@ -70,7 +82,8 @@ def trained_module_names(model: nn.Module, trained: Iterable[nn.Parameter],
 def export_peft_adapter(causal_lm: nn.Module, banks: Sequence[SparseExperts],
                         trained: Iterable[nn.Parameter], settings: LoRASettings,
                         base_folder: Path, folder: Path) -> Path:
-    """Write the LoRA factors of ``banks`` and the ``trained`` non-expert modules of
+    """Write the LoRA factors of ``banks`` and of the adapted attention projections
+    (:func:`adapted_linears`), and the ``trained`` non-expert modules of
     ``causal_lm`` (a transformers ``*ForCausalLM`` whose fused experts were converted to
     ``banks``, factors attached) as a peft adapter folder (``adapter_config.json`` +
     ``adapter_model.safetensors``) for the stock model in ``base_folder``; returns ``folder``.
@@ -84,9 +97,11 @@ def export_peft_adapter(causal_lm: nn.Module, banks: Sequence[SparseExperts],
     projections = list(banks[0].experts[0].lora.keys())
     if not projections:
         raise ValueError("the experts have no LoRA factors: nothing to export as an adapter")
-    to_save = trained_module_names(causal_lm, trained, banks)
+    linears = adapted_linears(causal_lm)
+    to_save = trained_module_names(causal_lm, trained, [*banks, *linears.values()])
     config = LoraConfig(
-        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0, target_modules=[],
+        r=settings.rank, lora_alpha=settings.alpha, lora_dropout=0.0,
+        target_modules=list(linears),
         target_parameters=[f"{bank}.{p}" for bank in bank_names for p in projections],
         modules_to_save=to_save or None, init_lora_weights=False,
         base_model_name_or_path=str(Path(base_folder).resolve()))
@@ -101,6 +116,11 @@ def export_peft_adapter(causal_lm: nn.Module, banks: Sequence[SparseExperts],
                 wrapper = wrappers[projection]
                 wrapper.lora_A[ADAPTER_NAME].weight.copy_(lora_a)
                 wrapper.lora_B[ADAPTER_NAME].weight.copy_(lora_b)
+        for name, linear in linears.items():
+            layer = inner.get_submodule(name)  # peft's lora.Linear around the projection
+            factors = getattr(linear, LINEAR_FACTORS)
+            layer.lora_A[ADAPTER_NAME].weight.copy_(factors.A.detach().to("cpu", torch.float32))
+            layer.lora_B[ADAPTER_NAME].weight.copy_(factors.B.detach().to("cpu", torch.float32))
         for name in to_save:
             saved = inner.get_submodule(name).modules_to_save[ADAPTER_NAME]
             saved.load_state_dict(_cpu_state(causal_lm.get_submodule(name)), strict=True)
