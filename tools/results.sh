@@ -9,9 +9,15 @@
 # the resumed part.) To add methods to a finished comparison: FORCE=1 METHODS=<old,new>; its
 # wall time is then added to the earlier run.json's.
 #
+# The runs' small files (summary.json, config.toml, inputs.json) and the comparisons are kept
+# in git under results/ (results/.gitignore leaves out models, checkpoints and plots), so that
+# the page can be regenerated, and a comparison that takes longer than one sitting resumes,
+# on another machine.
+#
 # Environment overrides (defaults in brackets):
 #   METHODS [all below]  SEEDS [3]  BENCHES ["bbc wordnet"]  ALPHAS ["0.5 0.1"]
-#   CONF_DIR [conf/bench]  OUT [runs/results]  PAGE [docs/results.md]  HFEDMOE  PYTHON
+#   ROUNDS [the bench's own; N: a longer setting in <bench>-<alpha>-rN, --set num-server-rounds=N]
+#   CONF_DIR [conf/bench]  OUT [results]  PAGE [docs/results.md]  HFEDMOE  PYTHON
 # Extra arguments are passed to every `hfedmoe compare` (e.g. --set num-server-rounds=3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,7 +27,8 @@ SEEDS=${SEEDS:-3}
 BENCHES=${BENCHES:-bbc wordnet}
 ALPHAS=${ALPHAS:-0.5 0.1}
 CONF_DIR=${CONF_DIR:-conf/bench}
-OUT=${OUT:-runs/results}
+ROUNDS=${ROUNDS:-}
+OUT=${OUT:-results}
 PAGE=${PAGE:-docs/results.md}
 HFEDMOE=${HFEDMOE:-.venv/bin/hfedmoe}
 PYTHON=${PYTHON:-.venv/bin/python}
@@ -36,12 +43,18 @@ target_for() {  # accuracy whose first round is reported as "rounds to target"
 for bench in $BENCHES; do
   for alpha in $ALPHAS; do
     dir="$OUT/$bench-$alpha"
+    rounds=()
+    if [[ -n "$ROUNDS" ]]; then
+      dir="$dir-r$ROUNDS"
+      rounds=(--set "num-server-rounds=$ROUNDS")
+    fi
     if [[ -z "${FORCE:-}" && -f "$dir/comparison.json" && -f "$dir/run.json" ]]; then
       echo "results: $dir is done (FORCE=1 redoes it)"
       continue
     fi
     cmd=(hfedmoe compare --methods "$METHODS" --seeds "$SEEDS" --target "$(target_for "$bench")"
-         --config "$CONF_DIR/$bench.toml" --set "data.dirichlet-alpha=$alpha" --out "$dir" "$@")
+         --config "$CONF_DIR/$bench.toml" --set "data.dirichlet-alpha=$alpha" "${rounds[@]}"
+         --out "$dir" "$@")
     echo "results: ${cmd[*]}"
     extend=()
     [[ -f "$dir/run.json" ]] && extend=(--add-to-previous)  # FORCE=1 over a finished one

@@ -3,7 +3,8 @@
     python tools/results_page.py record DIR --command "hfedmoe compare ..." --wall-seconds S
         writes DIR/run.json: the exact command, its wall time and the machine it ran on
     python tools/results_page.py page ROOT [--out docs/results.md]
-        one section per ROOT/<bench>-<alpha>/comparison.json (+ run.json), in sorted order
+        one section per ROOT/<bench>-<alpha>[-r<rounds>]/comparison.json (+ run.json), in
+        sorted order (a -r<rounds> folder: a longer setting, after the benchmark's own)
 
 Every number on the page is formatted from comparison.json (mean ± std over seeds), never
 recomputed from the runs. Personalised accuracy is shown when comparison.json has it.
@@ -15,6 +16,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -99,11 +101,23 @@ def duration(seconds: float) -> str:
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
 
 
+def setting(name: str) -> tuple[str, str, int | None]:
+    """(bench, alpha, rounds) of a comparison folder named ``<bench>-<alpha>`` or, for a
+    longer setting, ``<bench>-<alpha>-r<rounds>`` (tools/results.sh ROUNDS=...)."""
+    match = re.fullmatch(r"(?P<bench>.+?)-(?P<alpha>[0-9.]+)(?:-r(?P<rounds>[0-9]+))?", name)
+    if match is None:
+        return name, "", None
+    rounds = match["rounds"]
+    return match["bench"], match["alpha"], int(rounds) if rounds else None
+
+
 def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | None) -> list[str]:
-    bench, _, alpha = name.rpartition("-")
+    bench, alpha, rounds = setting(name)
     config = comparison.get("config", {})
     alpha = config.get("data.dirichlet-alpha", alpha)
     title = f"{BENCH_NAMES.get(bench, bench)}, Dirichlet α = {alpha}"
+    if rounds is not None:
+        title += f", longer: {config.get('num-server-rounds', rounds)} rounds"
     lines = [f"## {title}", ""]
     if run:
         m = run["machine"]
@@ -125,13 +139,14 @@ def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | N
     return lines + ["", "Configuration: " + ", ".join(shown) + ".", ""]
 
 
-def _order(path: Path) -> tuple[str, float, str]:
-    """<bench>-<alpha> folders by bench, then milder skew (larger alpha) first."""
-    bench, _, alpha = path.parent.name.rpartition("-")
+def _order(path: Path) -> tuple[str, int, float, str]:
+    """Comparison folders by bench, the benchmark's own rounds before longer settings, then
+    milder skew (larger alpha) first."""
+    bench, alpha, rounds = setting(path.parent.name)
     try:
-        return bench, -float(alpha), ""
+        return bench, rounds or 0, -float(alpha), ""
     except ValueError:
-        return path.parent.name, 0.0, path.parent.name
+        return path.parent.name, 0, 0.0, path.parent.name
 
 
 def page(root: Path, notes: Path | None = None) -> str:

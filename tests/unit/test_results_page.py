@@ -118,3 +118,19 @@ def test_an_extended_comparison_adds_its_wall_time_to_the_earlier_one(tool, tmp_
 def test_no_comparison_is_an_error(tool, tmp_path):
     with pytest.raises(SystemExit, match="no \\*/comparison.json"):
         tool.page(tmp_path)
+
+
+def test_a_longer_setting_gets_its_own_section_after_the_benchmarks_own(tool, tmp_path):
+    root = copy_fixture(tmp_path)
+    comparison = json.loads((root / "tiny-0.5" / "comparison.json").read_text())
+    for name, rounds in (("tiny-0.1-r20", 20), ("tiny-0.1", None)):
+        config = {**comparison["config"], "data.dirichlet-alpha": 0.1}
+        if rounds:
+            config["num-server-rounds"] = rounds
+        (root / name).mkdir()
+        (root / name / "comparison.json").write_text(json.dumps({**comparison, "config": config}))
+    titles = [line for line in tool.page(root).splitlines() if line.startswith("## ")]
+    assert titles == ["## tiny, Dirichlet α = 0.5", "## tiny, Dirichlet α = 0.1",
+                      "## tiny, Dirichlet α = 0.1, longer: 20 rounds"]
+    assert tool.setting("wordnet-0.1-r20") == ("wordnet", "0.1", 20)
+    assert tool.setting("bbc-0.5") == ("bbc", "0.5", None)
