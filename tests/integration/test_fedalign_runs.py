@@ -21,7 +21,10 @@ def _run(out, rounds, resume=False, **overrides):
     config = parse_run_config(load_config_file("conf/tiny.toml"), {
         "method": "fedalign", "out": str(out), "num-server-rounds": rounds,
         "train.local-steps": 3, "checkpoint.keep": 10, "checkpoint.resume": resume,
-        "fedalign.routing-weight": 1.0, **overrides})
+        "fedalign.routing-weight": 1.0,
+        # the resumed run is 2 rounds extended to 4: equal to the whole run only under a
+        # constant lr (under cosine every round's lr depends on num-server-rounds)
+        "train.lr-schedule": "constant", **overrides})
     return run_experiment(config)
 
 

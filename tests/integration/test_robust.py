@@ -26,7 +26,10 @@ from hfedmoe.validation import update_norm
 
 ATTACKER = 4
 BASE = {"method": "fedavg", "budget.experts": "all", "data.num-clients": 5,
-        "data.partition": "iid", "num-server-rounds": 2, "train.local-steps": 3}
+        "data.partition": "iid", "num-server-rounds": 2, "train.local-steps": 3,
+        # a constant lr: round 2's updates as large as round 1's (under cosine half), so that
+        # the attacker's 10x update in the last round is the threat the defences face
+        "train.lr-schedule": "constant"}
 
 
 def _config(out, **overrides):
