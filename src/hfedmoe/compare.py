@@ -153,7 +153,8 @@ def finished_run(config: RunConfig, inputs: Mapping[str, str]) -> dict[str, Any]
 
 def compare(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], out: Path,
             target: float, run: Callable[[RunConfig], dict]) -> dict[str, Any]:
-    """Run every (method, seed) with ``run`` and write the comparison files into ``out``.
+    """Run every (method, seed) with ``run``, seed by seed (every method's seed 0 first), and
+    write the comparison files into ``out``.
 
     A (method, seed) whose directory already holds a finished run (summary.json) of exactly
     the same configuration and the same inputs (data and model content, hfedmoe.fingerprint)
@@ -163,13 +164,13 @@ def compare(config: RunConfig, methods: Sequence[str], seeds: Sequence[int], out
     inputs = current_inputs(config)
     out.mkdir(parents=True, exist_ok=True)
     flat = config.to_flat()
-    results: dict[str, Any] = {}
-    for method in methods:
-        summaries = [finished_run(c, inputs) or run(c) for c in (
-            parse_run_config(flat, {"method": method, "seed": seed,
-                                    "out": str(out / method / f"seed-{seed}")})
-            for seed in seeds)]
-        results[method] = summarise_method(summaries, target)
+    summaries: dict[str, list[dict]] = {method: [] for method in methods}
+    for seed in seeds:  # seed-major: an interrupted comparison has every method's first seeds
+        for method in methods:
+            run_config = parse_run_config(flat, {"method": method, "seed": seed,
+                                                 "out": str(out / method / f"seed-{seed}")})
+            summaries[method].append(finished_run(run_config, inputs) or run(run_config))
+    results = {method: summarise_method(summaries[method], target) for method in methods}
     comparison = {"target_accuracy": target, "seeds": list(seeds), "methods": results,
                   "config": {k: v for k, v in flat.items() if k not in ("method", "seed", "out")}}
     (out / "comparison.json").write_text(json.dumps(comparison, indent=2) + "\n")

@@ -59,17 +59,18 @@ def test_an_interrupted_compare_reuses_finished_runs_of_the_same_config(tmp_path
         ran.append((c.method, c.seed))
         return run_experiment(c)
 
-    first = compare(config, ["hfedmoe", "fedavg"], [0], tmp_path, 0.2, counting)
-    assert ran == [("hfedmoe", 0), ("fedavg", 0)]
+    first = compare(config, ["hfedmoe", "fedavg"], [0, 1], tmp_path, 0.2, counting)
+    # seed-major: an interrupted comparison holds every method's first seeds
+    assert ran == [("hfedmoe", 0), ("fedavg", 0), ("hfedmoe", 1), ("fedavg", 1)]
     (tmp_path / "fedavg" / "seed-0" / "summary.json").unlink()  # fedavg "was interrupted"
-    again = compare(config, ["hfedmoe", "fedavg"], [0], tmp_path, 0.2, counting)
-    assert ran[2:] == [("fedavg", 0)]  # only the unfinished run ran again
+    again = compare(config, ["hfedmoe", "fedavg"], [0, 1], tmp_path, 0.2, counting)
+    assert ran[4:] == [("fedavg", 0)]  # only the unfinished run ran again
     assert again["methods"]["hfedmoe"] == first["methods"]["hfedmoe"]  # read back, as was
     assert again["methods"]["fedavg"]["final_accuracy"] == first["methods"]["fedavg"][
         "final_accuracy"]  # re-run: same result, other wall times
     changed = parse_run_config(config.to_flat(), {"train.lr": 0.01})
     compare(changed, ["hfedmoe"], [0], tmp_path, 0.2, counting)
-    assert ran[3:] == [("hfedmoe", 0)]  # another configuration is never reused
+    assert ran[5:] == [("hfedmoe", 0)]  # another configuration is never reused
 
 
 def test_a_finished_run_is_not_reused_after_its_data_changed(tmp_path):
