@@ -17,6 +17,8 @@
 # Environment overrides (defaults in brackets):
 #   METHODS [all below]  SEEDS [3]  BENCHES ["bbc wordnet"]  ALPHAS ["0.5 0.1"]
 #   ROUNDS [the bench's own; N: a longer setting in <bench>-<alpha>-rN, --set num-server-rounds=N]
+#   LM_BENCHES ["instruct-qlora"]: the causal-LM benchmarks (their own configs, below; "" skips)
+#   LM_METHODS [the methods below that run on a causal LM]  LM_SEEDS [$SEEDS]
 #   CONF_DIR [conf/bench]  OUT [results]  PAGE [docs/results.md]  HFEDMOE  PYTHON
 # Extra arguments are passed to every `hfedmoe compare` (e.g. --set num-server-rounds=3).
 set -euo pipefail
@@ -32,6 +34,17 @@ OUT=${OUT:-results}
 PAGE=${PAGE:-docs/results.md}
 HFEDMOE=${HFEDMOE:-.venv/bin/hfedmoe}
 PYTHON=${PYTHON:-.venv/bin/python}
+
+LM_BENCHES=${LM_BENCHES-instruct-qlora}
+LM_METHODS=${LM_METHODS:-hfedmoe,fedavg-full,fedavg-drop,random-subset,fedmoe,flex,fedalign,hfedmoe-align}
+LM_SEEDS=${LM_SEEDS:-$SEEDS}
+
+lm_configs() {  # the config files of a causal-LM benchmark, layered
+  case "$1" in
+    instruct-qlora) echo "$CONF_DIR/instruct.toml $CONF_DIR/instruct-qlora.toml" ;;
+    *) echo "$CONF_DIR/$1.toml" ;;
+  esac
+}
 
 target_for() {  # accuracy whose first round is reported as "rounds to target"
   case "$1" in
@@ -63,5 +76,24 @@ for bench in $BENCHES; do
     "$PYTHON" tools/results_page.py record "$dir" --command "${cmd[*]}" \
       --wall-seconds "$(($(date +%s) - start))" "${extend[@]}"
   done
+done
+for bench in $LM_BENCHES; do
+  dir="$OUT/$bench"
+  if [[ -z "${FORCE:-}" && -f "$dir/comparison.json" && -f "$dir/run.json" ]]; then
+    echo "results: $dir is done (FORCE=1 redoes it)"
+    continue
+  fi
+  configs=()
+  for file in $(lm_configs "$bench"); do configs+=(--config "$file"); done
+  # target: next-token accuracy on the held-out answers (the base model: 0.28-0.30)
+  cmd=(hfedmoe compare --methods "$LM_METHODS" --seeds "$LM_SEEDS" --target 0.44 "${configs[@]}"
+       --out "$dir" "$@")
+  echo "results: ${cmd[*]}"
+  extend=()
+  [[ -f "$dir/run.json" ]] && extend=(--add-to-previous)
+  start=$(date +%s)
+  "$HFEDMOE" "${cmd[@]:1}"
+  "$PYTHON" tools/results_page.py record "$dir" --command "${cmd[*]}" \
+    --wall-seconds "$(($(date +%s) - start))" "${extend[@]}"
 done
 "$PYTHON" tools/results_page.py page "$OUT" --out "$PAGE"

@@ -20,12 +20,16 @@ import re
 from pathlib import Path
 from typing import Any, Mapping
 
-BENCH_NAMES = {"bbc": "BBC News", "wordnet": "WordNet 3.0 lexnames"}
+BENCH_NAMES = {"bbc": "BBC News", "wordnet": "WordNet 3.0 lexnames",
+               "instruct-qlora": "Instruction tuning SmolLM2-MoE on the quizzes, QLoRA clients",
+               "instruct": "Instruction tuning SmolLM2-MoE on the quizzes"}
 PERSONAL = "final_personal_accuracy"  # absent from comparisons made before it existed
-CONFIG_SHOWN = ("model.name", "num-server-rounds", "data.num-clients", "data.partition",
-                "data.dirichlet-alpha", "data.max-examples", "data.test-fraction",
-                "data.client-test-fraction", "budget.experts", "train.local-steps",
-                "train.batch-size", "train.lr", "model.max-length", "simulation.runtime")
+CONFIG_SHOWN = ("model.name", "num-server-rounds", "data.source", "data.num-clients",
+                "data.partition", "data.dirichlet-alpha", "data.max-examples",
+                "data.test-fraction", "data.client-test-fraction", "budget.experts",
+                "train.local-steps", "train.batch-size", "train.lr", "train.lr-schedule",
+                "train.adapter", "lora.rank", "lora.targets", "model.quantization",
+                "model.max-length", "simulation.runtime")
 MIB = 2**20
 
 
@@ -96,6 +100,35 @@ def method_table(comparison: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def peaks_by_budget(clients: list[Mapping[str, Any]]) -> str:
+    """``budget: peak GiB`` per distinct budget (the largest measured peak among the clients
+    holding it), budgets ascending; "n/a" without measurements."""
+    peaks: dict[int, float] = {}
+    for client in clients:
+        peak = client.get("peak_memory_bytes")
+        if peak:
+            budget = client["budget_experts"]
+            peaks[budget] = max(peaks.get(budget, 0.0), peak)
+    return ", ".join(f"{b}: {peaks[b] / 2**30:.2f}" for b in sorted(peaks)) or "n/a"
+
+
+def lm_table(comparison: Mapping[str, Any]) -> list[str]:
+    """Causal-LM comparisons: held-out perplexity, the greedy answers' exact match and ROUGE-L,
+    next-token accuracy, upload, and the clients' measured peak memory per budget (the first
+    seed's clients)."""
+    head = ["method", "perplexity", "exact match", "ROUGE-L", "next-token accuracy",
+            "MiB uploaded", "peak GiB by budget", "budget respected"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in comparison["methods"].items():
+        row = [name, cell(m.get("final_perplexity"), digits=2, missing="n/a"),
+               cell(m.get("final_exact_match"), missing="n/a"),
+               cell(m.get("final_rouge_l"), missing="n/a"), cell(m["final_accuracy"]),
+               cell(m["bytes_up"], MIB, 1), peaks_by_budget(m.get("clients", [])),
+               "yes" if m["within_budget"] else "**no**"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def duration(seconds: float) -> str:
     minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{minutes} min"
@@ -114,8 +147,12 @@ def setting(name: str) -> tuple[str, str, int | None]:
 def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | None) -> list[str]:
     bench, alpha, rounds = setting(name)
     config = comparison.get("config", {})
+    language_model = config.get("task") == "causal-lm"
     alpha = config.get("data.dirichlet-alpha", alpha)
-    title = f"{BENCH_NAMES.get(bench, bench)}, Dirichlet α = {alpha}"
+    if language_model or config.get("data.partition", "dirichlet") != "dirichlet":
+        title = f"{BENCH_NAMES.get(bench, bench)}, {config.get('data.partition', '?')} split"
+    else:
+        title = f"{BENCH_NAMES.get(bench, bench)}, Dirichlet α = {alpha}"
     if rounds is not None:
         title += f", longer: {config.get('num-server-rounds', rounds)} rounds"
     lines = [f"## {title}", ""]
@@ -132,10 +169,19 @@ def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | N
                     for v in m["wall_seconds"]["values"])
         lines += [f"No run.json: command and machine unknown; runs took {duration(total)} "
                   "in total.", ""]
-    lines += [f"Seeds {', '.join(map(str, comparison['seeds']))}; mean ± std over seeds; "
-              f"accuracy on the global test split after the last round.", ""]
-    lines += method_table(comparison)
-    shown = [f"`{k}` = {config[k]!r}" for k in CONFIG_SHOWN if k in config]
+    if language_model:
+        lines += [f"Seeds {', '.join(map(str, comparison['seeds']))}; mean ± std over seeds; "
+                  "after the last round, on the global held-out pairs: perplexity of the "
+                  "answer tokens, and greedy answers to a fixed sample of the prompts.", ""]
+        lines += lm_table(comparison)
+    else:
+        lines += [f"Seeds {', '.join(map(str, comparison['seeds']))}; mean ± std over seeds; "
+                  f"accuracy on the global test split after the last round.", ""]
+        lines += method_table(comparison)
+    lora = config.get("train.adapter") == "lora"
+    shown = [f"`{k}` = {config[k]!r}" for k in CONFIG_SHOWN
+             if k in config and (lora or not k.startswith(("lora.", "model.quantization")))
+             and (k != "data.dirichlet-alpha" or config.get("data.partition") == "dirichlet")]
     return lines + ["", "Configuration: " + ", ".join(shown) + ".", ""]
 
 

@@ -18,6 +18,7 @@ def test_results_script_writes_page_and_resumes(tmp_path):
     out = tmp_path / "results"
     env = {**os.environ, "BENCHES": "tiny", "CONF_DIR": "conf", "ALPHAS": "0.5",
            "METHODS": "fedavg", "SEEDS": "1", "OUT": str(out), "PAGE": str(tmp_path / "r.md"),
+           "LM_BENCHES": "tiny-lm", "LM_METHODS": "hfedmoe",
            "PYTHON": sys.executable, "HFEDMOE": str(Path(sys.executable).parent / "hfedmoe")}
     script = [str(ROOT / "tools" / "results.sh"), "--set", "num-server-rounds=1"]
     done = subprocess.run(script, env=env, capture_output=True, text=True, timeout=600)
@@ -32,7 +33,13 @@ def test_results_script_writes_page_and_resumes(tmp_path):
     page = (tmp_path / "r.md").read_text()
     accuracy = comparison["methods"]["fedavg"]["final_accuracy"]["values"][0]
     assert f"| fedavg | {accuracy:.3f} ± 0.000 |" in page
+    # the causal-LM benchmark: its own section, with the perplexity table
+    lm = json.loads((out / "tiny-lm" / "comparison.json").read_text())
+    perplexity = lm["methods"]["hfedmoe"]["final_perplexity"]["values"][0]
+    assert f"| hfedmoe | {perplexity:.2f} ± 0.00 |" in page
+    assert json.loads((out / "tiny-lm" / "run.json").read_text())["command"].startswith(
+        "hfedmoe compare --methods hfedmoe --seeds 1 --target 0.44 --config conf/tiny-lm.toml")
     before = (out / "tiny-0.5" / "comparison.json").stat().st_mtime_ns
     again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 0 and "is done" in again.stdout
+    assert again.returncode == 0 and again.stdout.count("is done") == 2
     assert (out / "tiny-0.5" / "comparison.json").stat().st_mtime_ns == before

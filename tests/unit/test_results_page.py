@@ -17,6 +17,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE = ROOT / "tests" / "fixtures" / "results"
+MIB = 2**20
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +135,34 @@ def test_a_longer_setting_gets_its_own_section_after_the_benchmarks_own(tool, tm
                       "## tiny, Dirichlet α = 0.1, longer: 20 rounds"]
     assert tool.setting("wordnet-0.1-r20") == ("wordnet", "0.1", 20)
     assert tool.setting("bbc-0.5") == ("bbc", "0.5", None)
+
+
+def test_a_language_model_comparison_gets_the_lm_table(tool, tmp_path):
+    """Causal-LM comparisons: perplexity, exact match, ROUGE-L, next-token accuracy and the
+    clients' peak memory per budget, each from comparison.json."""
+    def stats(*values):
+        mean = statistics.fmean(values)
+        return {"mean": mean, "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                "values": list(values)}
+
+    clients = [{"client_id": 0, "budget_experts": 30, "peak_memory_bytes": 0.75 * 2**30},
+               {"client_id": 1, "budget_experts": 120, "peak_memory_bytes": 1.0 * 2**30},
+               {"client_id": 2, "budget_experts": 30, "peak_memory_bytes": 0.8 * 2**30}]
+    method = {"final_accuracy": stats(0.43, 0.44), "final_perplexity": stats(31.0, 33.0),
+              "final_exact_match": stats(0.0, 0.0625), "final_rouge_l": stats(0.03, 0.05),
+              "bytes_up": stats(200 * MIB, 210 * MIB), "within_budget": True,
+              "rounds_to_target": stats(1, 1), "wall_seconds": stats(100.0, 110.0),
+              "clients": clients}
+    comparison = {"target_accuracy": 0.4, "seeds": [0, 1], "methods": {"hfedmoe": method},
+                  "config": {"task": "causal-lm", "data.partition": "natural",
+                             "train.adapter": "lora", "lora.rank": 8}}
+    (tmp_path / "instruct-qlora").mkdir()
+    (tmp_path / "instruct-qlora" / "comparison.json").write_text(json.dumps(comparison))
+    page = tool.page(tmp_path)
+    assert "## Instruction tuning SmolLM2-MoE on the quizzes, QLoRA clients, natural split" in page
+    [[row]] = tables(page)
+    assert row == {"method": "hfedmoe", "perplexity": "32.00 ± 1.41",
+                   "exact match": expected([0.0, 0.0625]), "ROUGE-L": expected([0.03, 0.05]),
+                   "next-token accuracy": expected([0.43, 0.44]), "MiB uploaded": "205.0 ± 7.1",
+                   "peak GiB by budget": "30: 0.80, 120: 1.00", "budget respected": "yes"}
+    assert "`lora.rank` = 8" in page
