@@ -219,6 +219,17 @@ def page(root: Path, notes: Path | None = None) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def missing_sections(current: Path, new_page: str) -> list[str]:
+    """The generated ("## ...") section titles of the page at ``current`` (if any) that
+    ``new_page`` lacks: a page made from a partial results folder would drop them (the notes'
+    own titles come back with the notes)."""
+    if not current.is_file():
+        return []
+    kept = set(new_page.splitlines())
+    return [line[3:] for line in current.read_text().splitlines()
+            if line.startswith("## ") and line not in kept]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
@@ -233,11 +244,19 @@ def main(argv: list[str] | None = None) -> None:
     pg.add_argument("--out", type=Path, default=Path("docs/results.md"))
     pg.add_argument("--notes", type=Path, default=Path("docs/results_notes.md"),
                     help="hand-written Markdown appended to the page, if the file exists")
+    pg.add_argument("--force", action="store_true",
+                    help="write the page even if the current one has sections not in ROOT")
     args = parser.parse_args(argv)
     if args.command == "record":
         record(args.directory, args.cmd, args.wall_seconds, args.add_to_previous)
     else:
-        args.out.write_text(page(args.root, args.notes))
+        text = page(args.root, args.notes)
+        lost = missing_sections(args.out, text)
+        if lost and not args.force:
+            raise SystemExit(f"results_page: {args.out} has sections that {args.root} has no "
+                             f"data for ({'; '.join(lost)}); not overwritten (--force replaces "
+                             f"it anyway)")
+        args.out.write_text(text)
         print(f"wrote {args.out}")
 
 

@@ -166,3 +166,23 @@ def test_a_language_model_comparison_gets_the_lm_table(tool, tmp_path):
                    "next-token accuracy": expected([0.43, 0.44]), "MiB uploaded": "205.0 ± 7.1",
                    "peak GiB by budget": "30: 0.80, 120: 1.00", "budget respected": "yes"}
     assert "`lora.rank` = 8" in page
+
+
+def test_a_page_from_partial_results_does_not_overwrite_sections_it_lacks(tool, tmp_path):
+    root = copy_fixture(tmp_path)
+    out = tmp_path / "results.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("## Reading the figures\n\nhand-written\n")
+    tool.main(["page", str(root), "--out", str(out), "--notes", str(notes)])
+    full = out.read_text()
+    tool.main(["page", str(root), "--out", str(out), "--notes", str(notes)])  # same: fine
+    comparison = json.loads((root / "tiny-0.5" / "comparison.json").read_text())
+    comparison["config"]["data.dirichlet-alpha"] = 0.1
+    (root / "tiny-0.1").mkdir()
+    (root / "tiny-0.1" / "comparison.json").write_text(json.dumps(comparison))
+    shutil.rmtree(root / "tiny-0.5")  # the folder now lacks the page's tiny-0.5 section
+    with pytest.raises(SystemExit, match="tiny, Dirichlet α = 0.5"):
+        tool.main(["page", str(root), "--out", str(out), "--notes", str(notes)])
+    assert out.read_text() == full  # untouched
+    tool.main(["page", str(root), "--out", str(out), "--notes", str(notes), "--force"])
+    assert "## tiny, Dirichlet α = 0.5" not in out.read_text()
