@@ -7,7 +7,8 @@ knows a family's module names: parameter names are found by identity.
 
 Partition invariant: every parameter of ``model`` is exactly one of a routed-expert
 parameter, a router parameter, an input-embedding parameter, or a non-expert parameter
-(``non_expert_parameters("all")``).
+(``non_expert_parameters("all")``), but for the frozen A factors of attention projections under
+``lora.aggregation = "frozen-a"`` (seeded, the same in every process, never exchanged).
 """
 
 from __future__ import annotations
