@@ -46,6 +46,21 @@ lm_configs() {  # the config files of a causal-LM benchmark, layered
   esac
 }
 
+compare_into() {  # DIR hfedmoe compare ARGS...: run it unless DIR is done, then record run.json
+  local dir=$1 start extend=()
+  shift
+  if [[ -z "${FORCE:-}" && -f "$dir/comparison.json" && -f "$dir/run.json" ]]; then
+    echo "results: $dir is done (FORCE=1 redoes it)"
+    return
+  fi
+  echo "results: $*"
+  [[ -f "$dir/run.json" ]] && extend=(--add-to-previous)  # FORCE=1 over a finished one
+  start=$(date +%s)
+  "$HFEDMOE" "${@:2}"
+  "$PYTHON" tools/results_page.py record "$dir" --command "$*" \
+    --wall-seconds "$(($(date +%s) - start))" "${extend[@]}"
+}
+
 target_for() {  # accuracy whose first round is reported as "rounds to target"
   case "$1" in
     wordnet) echo 0.3 ;;  # 45 classes: ~0.33 after 2 rounds in a sanity run; 0.9 is out of reach
@@ -61,39 +76,16 @@ for bench in $BENCHES; do
       dir="$dir-r$ROUNDS"
       rounds=(--set "num-server-rounds=$ROUNDS")
     fi
-    if [[ -z "${FORCE:-}" && -f "$dir/comparison.json" && -f "$dir/run.json" ]]; then
-      echo "results: $dir is done (FORCE=1 redoes it)"
-      continue
-    fi
-    cmd=(hfedmoe compare --methods "$METHODS" --seeds "$SEEDS" --target "$(target_for "$bench")"
-         --config "$CONF_DIR/$bench.toml" --set "data.dirichlet-alpha=$alpha" "${rounds[@]}"
-         --out "$dir" "$@")
-    echo "results: ${cmd[*]}"
-    extend=()
-    [[ -f "$dir/run.json" ]] && extend=(--add-to-previous)  # FORCE=1 over a finished one
-    start=$(date +%s)
-    "$HFEDMOE" "${cmd[@]:1}"
-    "$PYTHON" tools/results_page.py record "$dir" --command "${cmd[*]}" \
-      --wall-seconds "$(($(date +%s) - start))" "${extend[@]}"
+    compare_into "$dir" hfedmoe compare --methods "$METHODS" --seeds "$SEEDS" \
+      --target "$(target_for "$bench")" --config "$CONF_DIR/$bench.toml" \
+      --set "data.dirichlet-alpha=$alpha" "${rounds[@]}" --out "$dir" "$@"
   done
 done
 for bench in $LM_BENCHES; do
-  dir="$OUT/$bench"
-  if [[ -z "${FORCE:-}" && -f "$dir/comparison.json" && -f "$dir/run.json" ]]; then
-    echo "results: $dir is done (FORCE=1 redoes it)"
-    continue
-  fi
   configs=()
   for file in $(lm_configs "$bench"); do configs+=(--config "$file"); done
   # target: next-token accuracy on the held-out answers (the base model: 0.28-0.30)
-  cmd=(hfedmoe compare --methods "$LM_METHODS" --seeds "$LM_SEEDS" --target 0.44 "${configs[@]}"
-       --out "$dir" "$@")
-  echo "results: ${cmd[*]}"
-  extend=()
-  [[ -f "$dir/run.json" ]] && extend=(--add-to-previous)
-  start=$(date +%s)
-  "$HFEDMOE" "${cmd[@]:1}"
-  "$PYTHON" tools/results_page.py record "$dir" --command "${cmd[*]}" \
-    --wall-seconds "$(($(date +%s) - start))" "${extend[@]}"
+  compare_into "$OUT/$bench" hfedmoe compare --methods "$LM_METHODS" --seeds "$LM_SEEDS" \
+    --target 0.44 "${configs[@]}" --out "$OUT/$bench" "$@"
 done
 "$PYTHON" tools/results_page.py page "$OUT" --out "$PAGE"

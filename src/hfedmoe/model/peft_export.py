@@ -64,8 +64,8 @@ def trained_module_names(model: nn.Module, trained: Iterable[nn.Parameter],
     ``adapted`` (expert banks, projections with factors): routers, head, ...; one per module,
     sorted. Raises ValueError when such a module also holds a frozen parameter (peft's
     ``modules_to_save`` saves modules whole)."""
-    expert_ids = {id(p) for module in adapted for p in module.parameters()}
-    trained_ids = {id(p) for p in trained} - expert_ids
+    adapted_ids = {id(p) for module in adapted for p in module.parameters()}
+    trained_ids = {id(p) for p in trained} - adapted_ids
     owners: set[str] = set()
     for name, param in model.named_parameters():
         if id(param) in trained_ids:
