@@ -7,7 +7,10 @@ Flower does not resume a run (docs/reliability.md); hfedmoe does, from these fil
         rng.pt         Python, NumPy and torch RNG states of the server process
         state.json     round number, elapsed seconds, method, the flat run configuration,
                        strategy state and the metrics records of rounds 0..3
-        MANIFEST.json  size and SHA-256 of the three files above
+        optimizer.pt   optimizer states the server holds across rounds (split learning's
+                       two AdamW states; ``{}`` for the other methods, whose optimizers
+                       live one round on the clients)
+        MANIFEST.json  size and SHA-256 of the files above
         COMMIT         written last: a checkpoint without it is incomplete
 
 Writing: every file goes to a temporary name in the same directory, is flushed and fsync'd,
@@ -38,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 MODEL_FILE, RNG_FILE, STATE_FILE = "global.pt", "rng.pt", "state.json"
+OPTIMIZER_FILE = "optimizer.pt"  # absent from checkpoints written before 1 Dec 2026
 MANIFEST_FILE, COMMIT_FILE = "MANIFEST.json", "COMMIT"
 _NAME = re.compile(r"^round-(\d{6})$")
 
@@ -51,6 +55,8 @@ class Checkpoint:
     run_config: dict[str, Any]  # flat resolved configuration of the run
     strategy_state: dict[str, Any] = field(default_factory=dict)
     rng: dict[str, Any] = field(default_factory=dict)  # see rng_states()
+    # name -> torch.optim.Optimizer.state_dict() of optimizers the server keeps across rounds
+    optimizer_state: dict[str, Any] = field(default_factory=dict)
 
 
 # keys a resumed run may change; any other difference is an error (it would be another run)
@@ -111,7 +117,9 @@ def save_checkpoint(root: Path, checkpoint: Checkpoint, keep: int) -> Path:
         {k: v.detach().cpu().contiguous() for k, v in checkpoint.global_state.items()}))
     _write_durably(partial / RNG_FILE, _torch_bytes(checkpoint.rng or rng_states()))
     _write_durably(partial / STATE_FILE, json.dumps(state, allow_nan=True).encode())
-    manifest = {name: _digest(partial / name) for name in (MODEL_FILE, RNG_FILE, STATE_FILE)}
+    _write_durably(partial / OPTIMIZER_FILE, _torch_bytes(checkpoint.optimizer_state))
+    manifest = {name: _digest(partial / name)
+                for name in (MODEL_FILE, RNG_FILE, STATE_FILE, OPTIMIZER_FILE)}
     _write_durably(partial / MANIFEST_FILE, json.dumps(manifest, indent=1).encode())
     os.replace(partial, final)
     _fsync_dir(root)
@@ -134,7 +142,8 @@ def _load(directory: Path) -> Checkpoint:
     if not (directory / COMMIT_FILE).is_file():
         raise ValueError("no COMMIT marker (the write did not finish)")
     manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    for name in (MODEL_FILE, RNG_FILE, STATE_FILE):
+    optional = [OPTIMIZER_FILE] if OPTIMIZER_FILE in manifest else []
+    for name in (MODEL_FILE, RNG_FILE, STATE_FILE, *optional):
         if _digest(directory / name) != manifest.get(name):
             raise ValueError(f"{name} does not match MANIFEST.json (torn or truncated write)")
     state = json.loads((directory / STATE_FILE).read_text())
@@ -147,6 +156,8 @@ def _load(directory: Path) -> Checkpoint:
         strategy_state=dict(state.get("strategy_state", {})),
         # our own file, checksummed above; Python's RNG state is a tuple, not a tensor
         rng=torch.load(directory / RNG_FILE, weights_only=False),
+        optimizer_state=(torch.load(directory / OPTIMIZER_FILE, weights_only=True)
+                         if optional else {}),
     )
 
 

@@ -523,9 +523,6 @@ class RunConfig:
         _require(not split or self.robust.aggregation == "mean", "robust.aggregation",
                  self.robust.aggregation, f"'mean' with method '{self.method}' (split learning "
                  "averages scalars or gradients, not uploaded models)")
-        _require(not split or not self.checkpoint.resume, "checkpoint.resume",
-                 self.checkpoint.resume, f"False with method '{self.method}' (its optimizer "
-                 "states are not in checkpoints yet)")
         _require(not split or not self.faults.attacker_ids, "faults.attackers",
                  self.faults.attackers, f"none with method '{self.method}'")
         _require(all(i < self.data.num_clients for i in self.faults.attacker_ids),

@@ -102,8 +102,24 @@ def test_a_client_lost_between_the_exchanges_is_left_out(tmp_path):
 def test_split_settings_are_checked_before_the_run(tmp_path):
     with pytest.raises(ConfigError, match="ho-sfl.split-layer"):
         run_experiment(_config(tmp_path, "ho-sfl", **{"ho-sfl.split-layer": 2}))
-    with pytest.raises(ConfigError, match="checkpoint.resume"):
-        _config(tmp_path, "sfl", **{"checkpoint.resume": True})
+
+
+def test_a_resumed_ho_sfl_run_ends_where_the_uninterrupted_one_does(runs, tmp_path):
+    """Half the rounds, then resumed to all of them: both server-held AdamW states come back
+    from the checkpoint, so the final model and the later rounds' losses are the
+    uninterrupted run's exactly (fresh optimizers would step differently)."""
+    full_out, full = runs["ho-sfl"]
+    out = tmp_path / "run"
+    run_experiment(_config(out, "ho-sfl", **{"num-server-rounds": ROUNDS // 2,
+                                             "checkpoint.every": 1}))
+    saved = ckpt.load_latest(out / ckpt.CHECKPOINT_DIR).optimizer_state
+    assert set(saved) == {"server", "client"} and saved["server"]["state"]
+    resumed = run_experiment(_config(out, "ho-sfl", **{"checkpoint.resume": True}))
+    assert resumed["loss_by_round"] == full["loss_by_round"]
+    final, expected = (ckpt.load_latest(o / ckpt.CHECKPOINT_DIR).global_state
+                       for o in (out, full_out))
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
 
 
 def test_active_experts_moves_only_the_experts_the_clients_selected(tmp_path):

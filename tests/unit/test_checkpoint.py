@@ -3,6 +3,7 @@ previous complete one."""
 
 import json
 import random
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -35,8 +36,30 @@ def test_round_trip_restores_state_records_and_rng(tmp_path):
     assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
 
 
+def test_optimizer_states_round_trip_and_older_checkpoints_have_none(tmp_path):
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+    optimizer = torch.optim.AdamW([param], lr=0.1)
+    param.grad = torch.tensor([0.5, 0.25])
+    optimizer.step()
+    state = {"server": optimizer.state_dict()}
+    saved = ckpt.save_checkpoint(tmp_path, replace(_checkpoint(2, 0.5), optimizer_state=state),
+                                 keep=2)
+    loaded = ckpt.load_latest(tmp_path).optimizer_state["server"]
+    moments = loaded["state"][0]
+    assert torch.equal(moments["exp_avg"], optimizer.state[param]["exp_avg"])
+    assert torch.equal(moments["exp_avg_sq"], optimizer.state[param]["exp_avg_sq"])
+    assert loaded["param_groups"][0]["lr"] == 0.1
+    # a checkpoint written before optimizer.pt existed: its manifest does not name the file
+    (saved / ckpt.OPTIMIZER_FILE).unlink()
+    manifest = json.loads((saved / ckpt.MANIFEST_FILE).read_text())
+    del manifest[ckpt.OPTIMIZER_FILE]
+    (saved / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    older = ckpt.load_latest(tmp_path)
+    assert older.server_round == 2 and older.optimizer_state == {}
+
+
 @pytest.mark.parametrize("damage", ["no-commit", "truncated-model", "altered-state",
-                                    "missing-rng", "bad-manifest"])
+                                    "missing-rng", "bad-manifest", "truncated-optimizer"])
 def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage):
     ckpt.save_checkpoint(tmp_path, _checkpoint(1, 1.0), keep=3)
     newest = ckpt.save_checkpoint(tmp_path, _checkpoint(2, 2.0), keep=3)
@@ -52,6 +75,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous(tmp_path, damage
         (newest / ckpt.STATE_FILE).write_text(json.dumps(state))
     elif damage == "missing-rng":
         (newest / ckpt.RNG_FILE).unlink()
+    elif damage == "truncated-optimizer":
+        data = (newest / ckpt.OPTIMIZER_FILE).read_bytes()
+        (newest / ckpt.OPTIMIZER_FILE).write_bytes(data[:-3])
     else:
         (newest / ckpt.MANIFEST_FILE).write_text("{not json")
     loaded = ckpt.load_latest(tmp_path)

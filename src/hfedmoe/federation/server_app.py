@@ -110,8 +110,15 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
                       sample_size(config.train.fraction_train, clients))
         book = RoundBook(recorder, display)
         book.resume_after(earlier_seconds)
+        server = None  # split learning's server side: its optimizers go into checkpoints
         if config.method in SPLIT_METHODS:  # split learning: its own round of two exchanges
             server = split_server(config, adapter, params, task.loss)
+            if resumed:
+                try:
+                    server.load_state_dict(resumed.optimizer_state)
+                except ValueError as exc:
+                    root = Path(config.out) / ckpt.CHECKPOINT_DIR
+                    raise ConfigError(f"cannot resume from '{root}': {exc}") from None
             strategy = SplitStrategy(config, server.method, adapter.geometry, book,
                                      client_sizes=client_sizes, lineage=lineage,
                                      server=server, params=params)
@@ -153,7 +160,8 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
                                     config.to_flat(),
                                     {"lineage": lineage, "inputs": prepared.inputs,
                                      "guidance": ckpt.tensors_to_json(strategy.guidance)},
-                                    rng=ckpt.rng_states()),
+                                    rng=ckpt.rng_states(),
+                                    optimizer_state=server.state_dict() if server else {}),
                     keep=config.checkpoint.keep)
 
         final = run_rounds(strategy, ProgressGrid(grid, on_reply), initial,

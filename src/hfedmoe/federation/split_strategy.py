@@ -67,7 +67,7 @@ class SplitStrategy(PlannedStrategy):
         accepted: dict[int, tuple[records.SplitReply, float, torch.Tensor]] = {}
         scalars: dict[int, list[float]] = {}
         for node_id, reply in self._exchange(grid, node_ids, server_round, content, timeout,
-                                             first, failures):
+                                             first, failures):  # in client-id order
             try:
                 validation.check_identity(node_id, reply.client_id, self.client_of,
                                           {r.client_id for r, _, _ in accepted.values()},
@@ -126,7 +126,7 @@ class SplitStrategy(PlannedStrategy):
                         del updates_up[node_id]
                         continue
                     gradients.append(reply.gradient)
-        order = sorted(scalars)
+        order = sorted(scalars, key=lambda n: accepted[n][0].client_id)  # as the replies
         self._server.step_client_part(seeds, [scalars[n] for n in order], gradients,
                                       [active[n] for n in order] if active else ())
         self._finish(server_round, accepted, updates_up, failures, aggregated=True,
@@ -137,14 +137,16 @@ class SplitStrategy(PlannedStrategy):
     def _exchange(self, grid: Grid, node_ids, server_round: int, content, timeout: float,
                   phase: str, failures: list[dict]):
         """Send ``content`` (one RecordDict for all, or node id -> RecordDict) to
-        ``node_ids``; yield (node id, parsed reply) for each valid reply; errors, malformed
-        replies and timeouts go to ``failures``."""
+        ``node_ids``; return (node id, parsed reply) for each valid reply, in the order of
+        the client ids they name (node ids are drawn anew by every run, and the server sums
+        the clients' gradients and scalars in this order: a run is then bit-reproducible);
+        errors, malformed replies and timeouts go to ``failures``."""
         messages = [Message(content[n] if isinstance(content, dict) else content, n,
                             MessageType.TRAIN, group_id=str(server_round)) for n in node_ids]
         replies = grid.send_and_receive(messages, timeout=timeout)
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in messages
                    if m.metadata.message_id}
-        answered = set()
+        answered, parsed_replies = set(), []
         for reply in replies:
             node_id = sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             answered.add(node_id)
@@ -162,10 +164,11 @@ class SplitStrategy(PlannedStrategy):
             except (ValueError, KeyError, TypeError) as exc:
                 failures.append(self._failure(node_id, f"{phase}: rejected reply: {exc}"))
                 continue
-            yield node_id, parsed
+            parsed_replies.append((node_id, parsed))
         failures += [self._failure(n, f"{phase}: no reply before the round timeout", "timeout")
                      for n in node_ids if n not in answered]
         self._unreachable |= {f["node_id"] for f in failures if f["kind"] in UNREACHABLE_KINDS}
+        return sorted(parsed_replies, key=lambda item: (item[1].client_id, item[0]))
 
     def _failure(self, node_id: int, reason: str, kind: str = "rejected") -> dict:
         return {"client_id": self.client_of.get(node_id, -1), "node_id": node_id,

@@ -31,7 +31,8 @@ Decisions where the paper and the issue leave room (docs/ho-sfl.md has the reaso
   the optimizer state and replay (seed, vbar) histories) is not built.
 * **Optimizer.** AdamW on both sides (the public code's choice), the server part with
   ``train.lr``, the client part with ``ho-sfl.client-lr`` (0: ``train.lr``); one optimizer
-  state per side, kept on the server (not in checkpoints yet: resume is refused).
+  state per side, kept on the server and in its checkpoints (SplitServer.state_dict), so
+  a resumed run continues both exactly.
 * **lambda** is per client, dL_m/dz_m of that client's mean loss; the ZO scalars are averaged
   over clients, so g estimates the gradient of the mean of the clients' losses, the same
   objective the server part steps on.
@@ -180,6 +181,24 @@ class SplitServer:
         self._client_optimizer = make_optimizer(split.client_parameters, client_lr or lr,
                                                 weight_decay)
         self._clients = 0
+
+    def state_dict(self) -> dict[str, dict]:
+        """Both AdamW states (``"server"``, ``"client"``: torch ``Optimizer.state_dict()``),
+        for a checkpoint (hfedmoe.checkpoint)."""
+        return {"server": self._server_optimizer.state_dict(),
+                "client": self._client_optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Mapping]) -> None:
+        """Restore :meth:`state_dict`'s output (the same model and split). Raises ValueError
+        when ``state`` lacks a side or does not fit that side's parameters."""
+        for side, optimizer in (("server", self._server_optimizer),
+                                ("client", self._client_optimizer)):
+            if side not in state:
+                raise ValueError(f"no {side}-part optimizer state in the checkpoint")
+            try:
+                optimizer.load_state_dict(state[side])
+            except (ValueError, KeyError) as exc:
+                raise ValueError(f"the {side}-part optimizer state does not fit: {exc}") from None
 
     def begin_round(self) -> None:
         self.split.adapter.model.zero_grad(set_to_none=True)
