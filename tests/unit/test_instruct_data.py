@@ -151,6 +151,54 @@ def test_wordnet_instructions_define_words_from_the_fixture():
                      corpus.train.responses + corpus.test.responses))
     assert pairs["What does the verb 'rain' mean?"] == "precipitate as rain"
     assert all(not r.startswith('"') and '"' not in r[:1] for r in pairs.values())
+    # synonyms: the synset's other words, in WordNet's order, underscores as spaces
+    assert pairs["What are synonyms of the verb 'breathe'?"] == "take a breath, respire, suspire"
+    assert pairs["What are synonyms of the noun 'Animalia'?"] == "kingdom Animalia, animal kingdom"
+    # hypernyms: the first @ pointer's synset, by its first word (nouns: a kind of; verbs: a way to)
+    assert pairs["What is the noun 'mythical being' a kind of?"] == "imaginary being"
+    assert pairs["What is the verb 'rain' a way to?"] == "precipitate"
+    # Animalia's hypernym (07940552) is not in the fixture: no question about it
+    assert not any(p.startswith("What is the noun 'Animalia'") for p in pairs)
+    assert "What are synonyms of the noun 'dog'?" not in pairs  # no such synset here
+    kinds = {p.split("'")[0] + p.split("'")[-1] for p in pairs}
+    assert kinds == {"What does the noun  mean?", "What does the verb  mean?",
+                     "What does the adjective  mean?", "What does the adverb  mean?",
+                     "What are synonyms of the noun ?", "What are synonyms of the verb ?",
+                     "What are synonyms of the adjective ?", "What are synonyms of the adverb ?",
+                     "What is the noun  a kind of?", "What is the verb  a way to?"}
+
+
+def test_wordnet_instructions_ask_first_senses_only_and_name_instances(tmp_path):
+    for name in ("data.adj", "data.adv", "data.verb"):
+        (tmp_path / name).write_text("  licence header line\n")
+    (tmp_path / "data.noun").write_text(
+        "  licence header line\n"
+        "00000100 15 n 02 national_capital 0 capital 0 000 | the capital city of a nation  \n"
+        "00000200 15 n 02 Paris 0 City_of_Light 0 001 @i 00000100 n 0000 | the capital of France  \n"
+        "00000300 15 n 01 Paris 1 001 @ 00000100 n 0000 | a later sense: never asked about  \n"
+        "00000400 15 n 01 city 0 000 | a large town  \n"
+        "00000500 15 n 01 megacity 0 002 @ 00000400 n 0000 @ 00000100 n 0000 | a huge city  \n")
+    corpus = load_instruction_corpus(data_cfg(source="wordnet", path=str(tmp_path)))
+    pairs = dict(zip(corpus.train.texts + corpus.test.texts,
+                     corpus.train.responses + corpus.test.responses))
+    assert pairs == {
+        "What does the noun 'national capital' mean?": "the capital city of a nation",
+        "What are synonyms of the noun 'national capital'?": "capital",
+        "What does the noun 'Paris' mean?": "the capital of France",
+        "What are synonyms of the noun 'Paris'?": "City of Light",
+        "What is the noun 'Paris' an instance of?": "national capital",
+        "What does the noun 'city' mean?": "a large town",
+        "What does the noun 'megacity' mean?": "a huge city",
+        "What is the noun 'megacity' a kind of?": "city"}  # its first hypernym
+    assert set(corpus.train.labels) | set(corpus.test.labels) == {15}
+
+
+def test_a_malformed_wordnet_line_is_named(tmp_path):
+    for name in ("data.adj", "data.adv", "data.verb"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "data.noun").write_text("00000100 15 n 03 only_one_word 0 000 | gloss\n")
+    with pytest.raises(DataError, match=r"data.noun:1: not a WordNet synset line"):
+        load_instruction_corpus(data_cfg(source="wordnet", path=str(tmp_path)))
 
 
 def test_quiz_is_refused_for_classification():

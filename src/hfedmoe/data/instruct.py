@@ -18,9 +18,13 @@ Sources (``data.source``):
   ``prompt`` and ``response`` (or ``completion``), ``question`` and ``answer``.
   ``data.label-field``, when rows have it, names the group; ``split`` (train/test) as for
   classification.
-* ``wordnet`` - WordNet 3.0: "What does the noun 'bank' mean?" -> the gloss's definition
-  (without its quoted examples), the first sense of each (word, part of speech) by file
-  offset; group = lexicographer file (45).
+* ``wordnet`` - WordNet 3.0, three questions about the first sense of each (word, part of
+  speech) by file offset: "What does the noun 'bank' mean?" -> the gloss's definition
+  (without its quoted examples); "What are synonyms of the noun 'car'?" -> the synset's other
+  words ("auto, automobile, machine, motorcar"); "What is the noun 'dog' a kind of?" -> its
+  first hypernym's first word ("canine"; an instance: "What is the noun 'Paris' an instance
+  of?"; a verb: "What is the verb 'sprint' a way to?" -> "run"); group = lexicographer
+  file (45).
 * ``quiz`` - the quiz files of the Debian package ``bsdgames`` (33 topics: capitals, elements,
   presidents, Latin, collectives, ...): for a line ``v0:v1:...`` under field names
   ``n0:n1:...`` (the quiz ``index``), "<n0>: <v0>. What is the <nk>?" -> ``vk`` for each
@@ -254,33 +258,93 @@ def load_hf_instructions(cfg: DataConfig) -> Corpus:
 
 
 def load_wordnet_instructions(cfg: DataConfig) -> Corpus:
-    """WordNet 3.0 definitions as instructions (module docstring)."""
+    """WordNet 3.0 as instructions (module docstring): per synset, for its first word when
+    that (word, part of speech) was not asked about by an earlier synset (the first sense,
+    by file offset), its definition, its synonyms (the synset's other words, when it has
+    some) and what it is a kind of (nouns: the first ``@`` hypernym pointer, or an
+    instance's ``@i``; verbs: the first ``@`` pointer, "a way to"); group = the synset's
+    lexicographer file. Raises DataError naming the file and line of a malformed line."""
     from hfedmoe.data.wordnet import DATA_FILES, LEXNAMES, wordnet_folder
 
     folder = wordnet_folder(cfg.path)
-    seen: set[str] = set()
-    prompts, responses, groups = [], [], []
+    synsets = []  # (file position, pos, lexfile, words, hypernym (kind, pos, offset), gloss)
+    first_word: dict[tuple[str, int], str] = {}  # (pos file letter, offset) -> first word
     for name in DATA_FILES:
         with (folder / name).open(encoding="utf-8") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.startswith("  ") or not line.strip():
                     continue
-                head, bar, gloss = line.partition(" | ")
-                fields = head.split()
-                if not bar or len(fields) < 6 or not fields[1].isdigit() \
-                        or int(fields[1]) >= len(LEXNAMES):
+                synset = _wordnet_synset(line)
+                if synset is None:
                     raise DataError(f"{folder / name}:{number}: not a WordNet synset line")
-                word = fields[4].replace("_", " ")
-                word = re.sub(r"\([a-z]+\)$", "", word)  # adjective markers such as (a)
-                prompt = f"What does the {POS_NAMES.get(fields[2], 'word')} '{word}' mean?"
-                definition = " ".join(gloss.split('; "')[0].split()).strip()
-                if prompt in seen or not definition:
-                    continue
-                seen.add(prompt)
-                prompts.append(prompt)
-                responses.append(definition)
-                groups.append(int(fields[1]))
+                offset, lexfile, pos, words, hypernym, gloss = synset
+                if lexfile >= len(LEXNAMES):
+                    raise DataError(f"{folder / name}:{number}: not a WordNet synset line")
+                first_word[(_POS_FILE[pos], offset)] = words[0]
+                synsets.append((pos, lexfile, words, hypernym, gloss))
+    seen: set[str] = set()
+    prompts, responses, groups = [], [], []
+
+    def ask(prompt: str, response: str, group: int) -> None:
+        if prompt not in seen and response:
+            seen.add(prompt)
+            prompts.append(prompt)
+            responses.append(response)
+            groups.append(group)
+
+    for pos, lexfile, words, hypernym, gloss in synsets:
+        word, pos_name = words[0], POS_NAMES.get(pos, "word")
+        if f"What does the {pos_name} '{word}' mean?" in seen:
+            continue  # a later sense of a word already asked about
+        ask(f"What does the {pos_name} '{word}' mean?",
+            " ".join(gloss.split('; "')[0].split()).strip(), lexfile)
+        others = [w for w in dict.fromkeys(words[1:]) if w.lower() != word.lower()]
+        if others:
+            ask(f"What are synonyms of the {pos_name} '{word}'?", ", ".join(others), lexfile)
+        if hypernym is not None:
+            kind, target_pos, offset = hypernym
+            target = first_word.get((target_pos, offset))
+            if target is not None:
+                relation = {"@": "a kind of", "@i": "an instance of"}[kind]
+                if pos == "v":
+                    relation = "a way to"
+                ask(f"What is the {pos_name} '{word}' {relation}?", target, lexfile)
     return split_pairs(prompts, responses, groups, LEXNAMES, cfg.test_fraction)
+
+
+_POS_FILE = {"n": "n", "v": "v", "a": "a", "s": "a", "r": "r"}  # satellites live in data.adj
+
+
+def _wordnet_synset(line: str):
+    """One ``data.*`` synset line -> (offset, lexfile, ss_type, words, first hypernym
+    pointer (symbol "@" or "@i", target pos file letter, offset) or None, gloss); None when
+    the line does not have WordNet's layout
+    (``offset lex_filenum ss_type w_cnt [word lex_id]... p_cnt [ptr offset pos st]... | gloss``;
+    w_cnt is hexadecimal, p_cnt decimal)."""
+    head, bar, gloss = line.partition(" | ")
+    fields = head.split()
+    try:
+        if not bar or not fields[0].isdigit() or not fields[1].isdigit():
+            return None
+        count = int(fields[3], 16)
+        words = [_wordnet_word(w) for w in fields[4: 4 + 2 * count: 2]]
+        at = 4 + 2 * count
+        pointers = int(fields[at])
+        hypernym = None
+        for i in range(pointers):
+            symbol, offset, pos = fields[at + 1 + 4 * i: at + 4 + 4 * i]
+            if symbol in ("@", "@i") and hypernym is None:
+                hypernym = (symbol, _POS_FILE.get(pos, pos), int(offset))
+    except (IndexError, ValueError):
+        return None
+    if len(words) != count or not count or any(not w for w in words):
+        return None
+    return int(fields[0]), int(fields[1]), fields[2], words, hypernym, gloss
+
+
+def _wordnet_word(raw: str) -> str:
+    """A lemma as written in data.*: underscores as spaces, without an adjective marker."""
+    return re.sub(r"\([a-z]+\)$", "", raw.replace("_", " "))
 
 
 def load_quiz(cfg: DataConfig) -> Corpus:
