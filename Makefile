@@ -40,14 +40,15 @@ test: setup
 clean:
 	rm -rf $(VENV) runs .pytest_cache
 
-# The benchmark set-up: WordNet 3.0 (data.source = "wordnet") and the bsdgames quizzes
-# (data.source = "quiz") from the Debian packages wordnet-base and bsdgames, installed with
-# apt-get as root, else with sudo, else the command is printed.
-BENCH_APT := apt-get install -y --no-install-recommends wordnet-base bsdgames
+# The benchmark set-up: WordNet 3.0 (data.source = "wordnet"), the bsdgames quizzes ("quiz") and
+# the Debian FAQ ("debian-faq") from the Debian packages wordnet-base, bsdgames and debian-faq,
+# installed with apt-get as root, else with sudo, else the command is printed.
+BENCH_APT := apt-get install -y --no-install-recommends wordnet-base bsdgames debian-faq
 .PHONY: bench-setup results
 bench-setup:
-	@if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/games/bsdgames/quiz/index ]; then \
-	  echo "wordnet-base and bsdgames are installed"; \
+	@if [ -f /usr/share/wordnet/data.noun ] && [ -f /usr/share/games/bsdgames/quiz/index ] \
+	    && [ -f /usr/share/doc/debian/FAQ/debian-faq.en.txt.gz ]; then \
+	  echo "wordnet-base, bsdgames and debian-faq are installed"; \
 	elif [ "$$(id -u)" = 0 ]; then $(BENCH_APT) || { apt-get update && $(BENCH_APT); }; \
 	elif command -v sudo >/dev/null 2>&1; then sudo $(BENCH_APT) || { sudo apt-get update && sudo $(BENCH_APT); }; \
 	else echo "bench-setup: run as root: $(BENCH_APT)" >&2; exit 1; fi

@@ -34,7 +34,7 @@ METHODS = METHODS + SPLIT_METHODS
 ALIGNING_METHODS = tuple(m for m in METHODS if "align" in m)  # hfedmoe.strategies.fedalign
 DIVERGENCES = ("kl", "js")  # hfedmoe.alignment.routing_divergence
 TASKS = ("classification", "causal-lm")  # hfedmoe.tasks
-DATA_SOURCES = ("bbc-news", "wordnet", "quiz", "file", "hf")
+DATA_SOURCES = ("bbc-news", "wordnet", "quiz", "debian-faq", "file", "hf")
 PARTITIONERS = ("iid", "dirichlet", "pathological", "natural")
 PRECISIONS = ("auto", "fp32", "bf16-mixed")  # "auto": bf16-mixed on a CUDA device with bf16
 TRAINABLE_NON_EXPERT = ("head", "all")
@@ -492,8 +492,9 @@ class RunConfig:
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("task", self.task, TASKS)
-        _require(self.task == "causal-lm" or self.data.source != "quiz", "data.source",
-                 self.data.source, "'quiz' only with task = 'causal-lm' (question -> answer pairs)")
+        _require(self.task == "causal-lm" or self.data.source not in ("quiz", "debian-faq"),
+                 "data.source", self.data.source, f"'{self.data.source}' only with task = "
+                 "'causal-lm' (question -> answer pairs)")
         _require(self.model.quantization == "none" or self.train.adapter == "lora",
                  "model.quantization", self.model.quantization,
                  "'none' unless train.adapter = 'lora' (only frozen expert weights are quantized)")

@@ -1,6 +1,7 @@
 """Instruction corpora (hfedmoe.data.instruct): row shapes, groups, splits, errors, sources."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -234,3 +235,82 @@ def test_multi_turn_chats_keep_their_context_through_split_subset_and_fingerprin
     plain = rows_to_instruction_corpus([{"prompt": f"p{i}", "response": "r"} for i in range(5)],
                                        data_cfg(), "x.jsonl")
     assert plain.train.contexts == () and plain.test.contexts == ()
+
+
+FAQ_EXCERPT = """\
+Table of Contents
+
+1. Definitions and overview
+    1.1.\u00a0What is this FAQ?
+
+Chapter\u00a01.\u00a0Definitions and overview
+
+1.1.\u00a0What is this FAQ?
+
+    This document gives frequently asked questions (with their
+    answers!) about the Debian distribution.
+
+    If you can't find what you're looking for, see Section 12.1.
+
+1.5.\u00a0What is the difference between Debian GNU/Linux and other Linux
+distributions? Why should I choose Debian?
+
+    The key features that distinguish Debian
+    are its package management.
+
+Chapter\u00a08.\u00a0The Debian package management tools
+
+8.1.1.\u00a0dpkg
+
+    This is the main package management program.
+
+8.2.\u00a0How can I tell what packages are already installed?
+
+    Run dpkg-query --list.
+"""
+
+
+@pytest.mark.parametrize("compressed", [False, True])
+def test_debian_faq_questions_get_their_answers_first_paragraph(tmp_path, compressed):
+    import gzip
+
+    path = tmp_path / ("faq.txt.gz" if compressed else "faq.txt")
+    data = FAQ_EXCERPT.encode("utf-8")
+    path.write_bytes(gzip.compress(data) if compressed else data)
+    corpus = load_instruction_corpus(data_cfg(source="debian-faq", path=str(path),
+                                              test_fraction=0.5))
+    pairs = dict(zip(corpus.train.texts + corpus.test.texts,
+                     corpus.train.responses + corpus.test.responses))
+    groups = dict(zip(corpus.train.texts + corpus.test.texts,
+                      [corpus.label_names[g] for g in corpus.train.labels + corpus.test.labels]))
+    assert pairs == {  # the table of contents and the heading without a question are not asked
+        "What is this FAQ?": "This document gives frequently asked questions (with their "
+                             "answers!) about the Debian distribution.",
+        "What is the difference between Debian GNU/Linux and other Linux distributions? Why "
+        "should I choose Debian?": "The key features that distinguish Debian are its package "
+                                   "management.",
+        "How can I tell what packages are already installed?": "Run dpkg-query --list."}
+    assert groups["What is this FAQ?"] == "Definitions and overview"
+    assert groups["How can I tell what packages are already installed?"] == \
+        "The Debian package management tools"
+
+
+def test_debian_faq_missing_or_without_questions_says_so(tmp_path):
+    with pytest.raises(DataError, match=r"apt-get install debian-faq"):
+        load_instruction_corpus(data_cfg(source="debian-faq", path=str(tmp_path / "none.txt")))
+    (tmp_path / "empty.txt").write_text("Chapter\u00a01.\u00a0Nothing\n\nno questions here\n")
+    with pytest.raises(DataError, match="no question"):
+        load_instruction_corpus(data_cfg(source="debian-faq", path=str(tmp_path / "empty.txt")))
+    with pytest.raises(Exception, match="'debian-faq' only with task = 'causal-lm'"):
+        parse_run_config({"data.source": "debian-faq"})
+
+
+@pytest.mark.skipif(not Path("/usr/share/doc/debian/FAQ/debian-faq.en.txt.gz").is_file(),
+                    reason="debian-faq is not installed (make bench-setup)")
+def test_the_installed_debian_faq_gives_its_questions_by_chapter():
+    corpus = load_instruction_corpus(data_cfg(source="debian-faq", path=""))
+    pairs = dict(zip(corpus.train.texts + corpus.test.texts,
+                     corpus.train.responses + corpus.test.responses))
+    assert len(pairs) >= 100 and len(corpus.label_names) >= 12
+    assert pairs["What is Debian GNU/Linux?"].startswith("Debian GNU/Linux is a particular "
+                                                         "distribution of the Linux")

@@ -29,6 +29,10 @@ Sources (``data.source``):
   presidents, Latin, collectives, ...): for a line ``v0:v1:...`` under field names
   ``n0:n1:...`` (the quiz ``index``), "<n0>: <v0>. What is the <nk>?" -> ``vk`` for each
   k >= 1, alternatives resolved to their first, full form (:func:`canonical`); group = topic.
+* ``debian-faq`` - the Debian GNU/Linux FAQ (Debian package ``debian-faq``, its plain-text
+  edition): each section heading that asks a question (with a "?"; wrapped headings joined)
+  -> the first paragraph of its answer, whitespace-normalised (the answers run to several
+  paragraphs and lists; the first one is the answer proper); group = chapter (16).
 * ``hf`` - a Hugging Face dataset with the same row shapes (network permitting).
 
 Rows whose prompt or response is empty are dropped and reported in ``Corpus.notes``; a
@@ -71,6 +75,8 @@ ROLES = ("system", "user", "assistant")  # the chat roles a conversation may use
 Context = tuple[tuple[str, str], ...]  # the (role, content) turns before a prompt
 QUIZ_FOLDER = Path("/usr/share/games/bsdgames/quiz")
 QUIZ_HINT = "install it with `make bench-setup` (or: apt-get install bsdgames)"
+FAQ_FILE = Path("/usr/share/doc/debian/FAQ/debian-faq.en.txt.gz")
+FAQ_HINT = "install it with `make bench-setup` (or: apt-get install debian-faq)"
 POS_NAMES = {"n": "noun", "v": "verb", "a": "adjective", "s": "adjective", "r": "adverb"}
 # row shapes: (prompt fields, response field), tried in this order
 SHAPES = ((("instruction", "input"), "output"), (("prompt",), "response"),
@@ -82,7 +88,7 @@ def load_instruction_corpus(cfg: DataConfig) -> Corpus:
     ``data.max-examples`` (stratified by split and group)."""
     loaders: dict[str, Callable[[DataConfig], Corpus]] = {
         "file": load_instruction_file, "wordnet": load_wordnet_instructions,
-        "quiz": load_quiz, "hf": load_hf_instructions}
+        "quiz": load_quiz, "debian-faq": load_debian_faq, "hf": load_hf_instructions}
     if cfg.source not in loaders:
         raise DataError(f"data.source {cfg.source!r} has no instruction pairs for task "
                         f"'causal-lm'; expected one of {sorted(loaders)}")
@@ -377,6 +383,60 @@ def load_quiz(cfg: DataConfig) -> Corpus:
         raise DataError(f"data.source 'quiz': no question in '{folder}'")
     ids, names = group_ids(groups)
     return split_pairs(prompts, responses, ids, names, cfg.test_fraction)
+
+
+def load_debian_faq(cfg: DataConfig) -> Corpus:
+    """The Debian FAQ as instructions (module docstring); ``data.path``: its plain-text file
+    (``.txt`` or ``.txt.gz``; "" = /usr/share/doc/debian/FAQ/debian-faq.en.txt.gz). Raises
+    DataError when the file is missing or holds no question."""
+    import gzip
+
+    path = Path(cfg.path) if cfg.path else FAQ_FILE
+    if not path.is_file():
+        raise DataError(f"data.source 'debian-faq': '{path}' does not exist; {FAQ_HINT}, or "
+                        "set data.path to the FAQ's plain-text file")
+    raw = path.read_bytes()
+    text = (gzip.decompress(raw) if raw[:2] == b"\x1f\x8b" else raw).decode("utf-8", "replace")
+    prompts, responses, groups, chapters = [], [], [], []
+    heading: list[str] | None = None  # the lines of the heading being read
+    answer: list[list[str]] = []  # its answer's paragraphs so far
+
+    def close() -> None:
+        question = " ".join(" ".join(heading).split()) if heading else ""
+        first = " ".join(" ".join(answer[0]).split()) if answer else ""
+        if "?" in question and first and chapters:
+            prompts.append(question)
+            responses.append(first)
+            groups.append(chapters[-1])
+
+    lines = text.splitlines()
+    for number, line in enumerate(lines):
+        chapter = _FAQ_CHAPTER.match(line)
+        section = _FAQ_SECTION.match(line)
+        if chapter or section:
+            close()
+            heading, answer = None, []
+            if chapter:
+                chapters.append(" ".join(chapter.group(2).split()))
+            else:
+                heading = [section.group(2)]
+        elif heading is not None and not answer and line[:1].strip():
+            heading.append(line)  # a wrapped heading goes on at column 0
+        elif heading is not None and line.strip():
+            if not answer or not lines[number - 1].strip():
+                answer.append([])
+            answer[-1].append(line)
+    close()
+    if not prompts:
+        raise DataError(f"data.source 'debian-faq': no question in '{path}'")
+    ids, names = group_ids(groups)
+    return split_pairs(prompts, responses, ids, names, cfg.test_fraction)
+
+
+# the FAQ's headings: "Chapter 1. Definitions and overview", "1.2. What is Debian GNU/Linux?"
+# (the separators are no-break spaces; the table of contents is indented, so never matches)
+_FAQ_CHAPTER = re.compile(r"^Chapter\s+(\d+)\.\s+(\S.*)$")
+_FAQ_SECTION = re.compile(r"^(\d+(?:\.\d+)+)\.\s+(\S.*)$")
 
 
 def _joined_lines(text: str) -> list[str]:
