@@ -97,3 +97,44 @@ def test_a_new_client_does_not_recompute_every_partition(monkeypatch):
         assert data.train.input_ids.equal(fresh.train.input_ids)
     resources.data(parse_run_config(TINY, {"data.num-clients": 41, "data.partition": "iid"}), 0)
     assert len(calls) == 2  # another split: computed again
+
+
+@pytest.mark.parametrize("source", ["wordnet", "quiz"])
+def test_an_unchanged_source_is_not_read_again_and_a_touched_one_is(tmp_path, monkeypatch,
+                                                                    source):
+    """The raw corpus is cached on its files' signature (hfedmoe.data.sources): a second
+    message of the same run reads nothing; a file rewritten in place is read again."""
+    import shutil
+
+    from hfedmoe.data import instruct
+
+    folder = tmp_path / source
+    if source == "wordnet":
+        shutil.copytree("tests/fixtures/wordnet", folder)
+        changed = folder / "data.verb"
+    else:
+        folder.mkdir()
+        (folder / "index").write_text("/usr/share/games/bsdgames/quiz/capitals:country:capital\n")
+        changed = folder / "capitals"
+        changed.write_text("France:Paris\nSpain:Madrid\nItaly:Rome\nPeru:Lima\nChad:N'Djamena\n")
+    loads = []
+    loader = {"wordnet": "load_wordnet_instructions", "quiz": "load_quiz"}[source]
+    original = getattr(instruct, loader)
+
+    def counted(cfg):
+        loads.append(1)
+        return original(cfg)
+    monkeypatch.setattr(instruct, loader, counted)
+    config = parse_run_config({**TINY, "task": "causal-lm", "data.source": source,
+                               "data.path": str(folder), "data.partition": "iid",
+                               "data.test-fraction": 0.4})
+    resources = client_module.ClientResources()
+    key, _, first = resources.corpus(config)
+    assert resources.corpus(config)[0] == key and len(loads) == 1
+    text = changed.read_text()
+    changed.write_text(text.replace("rain", "snow") if source == "wordnet"
+                       else text.replace("Paris", "Lyon"))
+    key_after, _, after = resources.corpus(config)
+    assert len(loads) == 2 and key_after != key
+    assert sorted(after.train.responses + after.test.responses) != \
+        sorted(first.train.responses + first.test.responses)
