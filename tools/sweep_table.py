@@ -3,8 +3,9 @@
     python tools/sweep_table.py runs/sweep
 
 One row per ``<root>/<bench>-<alpha>/<setting>/comparison.json``: the final, best and
-personalised accuracy of ``hfedmoe`` (mean ± std over seeds, from comparison.json), and what
-the setting made HFedMoE's aggregation do, read from every seed's metrics.jsonl:
+personalised accuracy of its method (``hfedmoe``, or tools/sweep.sh's METHOD; mean ± std over
+seeds, from comparison.json), and, for the HFedMoE family, what the setting made its
+aggregation do, read from every seed's metrics.jsonl (``n/a`` for other methods):
 
 * ``dominant share``: the mean over rounds, clients and layers of |S_c| / S, the share of a
   layer's experts in a client's dominant set (Eq. 16; 1.0 = every expert dominant);
@@ -69,24 +70,30 @@ def _num_experts(run: Path) -> int:
     raise ValueError(f"{run}: no client usage in metrics.jsonl")
 
 
-def row(setting_dir: Path, method: str = "hfedmoe") -> list[str]:
+def row(setting_dir: Path) -> list[str]:
+    """One table row of a setting: the accuracies of the comparison's one method
+    (tools/sweep.sh's METHOD) and, for the HFedMoE family, its aggregation diagnostics
+    ("n/a" for a method that records none, e.g. fedalign)."""
     comparison = json.loads((setting_dir / "comparison.json").read_text())
-    stats = comparison["methods"][method]
-    runs = sorted((setting_dir / method).glob("seed-*"))
+    [(method, stats)] = comparison["methods"].items()
+    accuracies = [setting_dir.name, _cell(stats["final_accuracy"]),
+                  _cell(stats.get("best_accuracy")), _cell(stats.get("final_personal_accuracy"))]
     per_seed = []
-    for run in runs:
+    for run in sorted((setting_dir / method).glob("seed-*")):
         records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        per_seed.append(diagnostics(records, _num_experts(run)))
+        try:
+            per_seed.append(diagnostics(records, _num_experts(run)))
+        except ValueError:  # no dominant sets: not an HFedMoE-family method
+            return accuracies + ["n/a"] * 4
 
     def mean(key: str) -> float:
         return statistics.fmean(d[key] for d in per_seed)
 
-    return [setting_dir.name, _cell(stats["final_accuracy"]), _cell(stats.get("best_accuracy")),
-            _cell(stats.get("final_personal_accuracy")), f"{mean('dominant_share'):.2f}",
-            f"{mean('global_full_share'):.2f}",
-            f"{min(d['gate_weight_min'] for d in per_seed):.3f}-"
-            f"{max(d['gate_weight_max'] for d in per_seed):.3f}",
-            f"{mean('overlap'):.2f}"]
+    return accuracies + [
+        f"{mean('dominant_share'):.2f}", f"{mean('global_full_share'):.2f}",
+        f"{min(d['gate_weight_min'] for d in per_seed):.3f}-"
+        f"{max(d['gate_weight_max'] for d in per_seed):.3f}",
+        f"{mean('overlap'):.2f}"]
 
 
 def table(root: Path) -> str:

@@ -43,3 +43,30 @@ def test_records_without_hfedmoe_diagnostics_are_refused():
         _tool().diagnostics([{"round": 1, "clients": [{"client_id": 0}]}], num_experts=4)
     partial = _tool().diagnostics([{"round": 1, "clients": [{"dominant_per_layer": [2]}]}], 4)
     assert partial["dominant_share"] == 0.5 and math.isnan(partial["gate_weight_min"])
+
+
+def _setting(root: Path, method: str, clients: list[dict]) -> Path:
+    import json
+
+    stats = {"mean": 0.5, "std": 0.1}
+    (root / method / "seed-0").mkdir(parents=True)
+    (root / "comparison.json").write_text(json.dumps({"methods": {method: {
+        "final_accuracy": stats, "best_accuracy": stats, "final_personal_accuracy": stats}}}))
+    usage = [0.25] * 8  # 2 layers x 4 experts
+    records = [{"round": 0, "clients": []},
+               {"round": 1, "dominant_global": 8,
+                "clients": [{"usage": usage, **c} for c in clients]}]
+    (root / method / "seed-0" / "metrics.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records))
+    return root
+
+
+def test_a_row_is_the_comparisons_method_with_diagnostics_only_for_the_hfedmoe_family(tmp_path):
+    tool = _tool()
+    hfedmoe = _setting(tmp_path / "default", "hfedmoe", [_client([4, 4], 0.6, 0.9)])
+    assert tool.row(hfedmoe) == ["default", "0.500 ± 0.100", "0.500 ± 0.100", "0.500 ± 0.100",
+                                 "1.00", "1.00", "0.600-0.600", "0.90"]
+    fedalign = _setting(tmp_path / "fedalign.routing-weight=0.3", "fedalign",
+                        [{"routing_consistency": 1.0}])
+    assert tool.row(fedalign) == ["fedalign.routing-weight=0.3", "0.500 ± 0.100",
+                                  "0.500 ± 0.100", "0.500 ± 0.100", "n/a", "n/a", "n/a", "n/a"]
