@@ -5,6 +5,9 @@ of the client part's update without breaking the round."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -114,6 +117,16 @@ def test_a_resumed_ho_sfl_run_ends_where_the_uninterrupted_one_does(runs, tmp_pa
                                              "checkpoint.every": 1}))
     saved = ckpt.load_latest(out / ckpt.CHECKPOINT_DIR).optimizer_state
     assert set(saved) == {"server", "client"} and saved["server"]["state"]
+    # a checkpoint without the optimizer states (written before they were kept) is refused
+    older = tmp_path / "older"
+    shutil.copytree(out, older)
+    newest = max((older / ckpt.CHECKPOINT_DIR).glob("round-*"))
+    (newest / ckpt.OPTIMIZER_FILE).unlink()
+    manifest = json.loads((newest / ckpt.MANIFEST_FILE).read_text())
+    del manifest[ckpt.OPTIMIZER_FILE]
+    (newest / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ConfigError, match="no server-part optimizer state"):
+        run_experiment(_config(older, "ho-sfl", **{"checkpoint.resume": True}))
     resumed = run_experiment(_config(out, "ho-sfl", **{"checkpoint.resume": True}))
     assert resumed["loss_by_round"] == full["loss_by_round"]
     final, expected = (ckpt.load_latest(o / ckpt.CHECKPOINT_DIR).global_state
