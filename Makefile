@@ -32,7 +32,8 @@ tiny-lm: setup
 # Two pytest-xdist workers, whole files each (--dist loadfile: a module's fixtures are built once):
 # every test holds one torch thread (tests/conftest.py) and the slowest tests mostly wait (a
 # round timeout, Flower's heartbeats, subprocesses starting), so two workers share 2 cores well
-# (1 Dec 2026: 24 min 25 s of tests in one process, 17 min 40 s in two). TEST_WORKERS=0: one process.
+# (clean-clone CI, idle machine: 24 min 25 s of tests in one process, 15 min 32 s in two, 1 Dec 2026).
+# TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: setup
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=25 $(PYTEST_ARGS)
