@@ -353,10 +353,20 @@ def _wordnet_word(raw: str) -> str:
     return re.sub(r"\([a-z]+\)$", "", raw.replace("_", " "))
 
 
+def quiz_folder(cfg: DataConfig) -> Path:
+    """``data.path`` as the quiz folder ("" = /usr/share/games/bsdgames/quiz)."""
+    return Path(cfg.path) if cfg.path else QUIZ_FOLDER
+
+
+def faq_file(cfg: DataConfig) -> Path:
+    """``data.path`` as the Debian FAQ's text ("" = the debian-faq package's)."""
+    return Path(cfg.path) if cfg.path else FAQ_FILE
+
+
 def load_quiz(cfg: DataConfig) -> Corpus:
     """The bsdgames quizzes as instructions (module docstring); ``data.path``: the quiz
     folder ("" = /usr/share/games/bsdgames/quiz)."""
-    folder = Path(cfg.path) if cfg.path else QUIZ_FOLDER
+    folder = quiz_folder(cfg)
     index = folder / "index"
     if not index.is_file():
         raise DataError(f"data.source 'quiz': '{index}' does not exist; {QUIZ_HINT}, or set "
@@ -391,7 +401,7 @@ def load_debian_faq(cfg: DataConfig) -> Corpus:
     DataError when the file is missing or holds no question."""
     import gzip
 
-    path = Path(cfg.path) if cfg.path else FAQ_FILE
+    path = faq_file(cfg)
     if not path.is_file():
         raise DataError(f"data.source 'debian-faq': '{path}' does not exist; {FAQ_HINT}, or "
                         "set data.path to the FAQ's plain-text file")

@@ -21,7 +21,7 @@ def source_files(cfg: DataConfig) -> list[Path] | None:
     """The files ``data.source`` reads, or None when they are not local files worth listing
     (``hf``: the Hub's cache decides; ``bbc-news``: 2,225 small files that are read as fast
     as they are stat'ed) or not there (the loader then raises its own error)."""
-    from hfedmoe.data.instruct import FAQ_FILE, QUIZ_FOLDER
+    from hfedmoe.data.instruct import faq_file, quiz_folder
     from hfedmoe.data.wordnet import DATA_FILES, wordnet_folder
 
     try:
@@ -31,10 +31,9 @@ def source_files(cfg: DataConfig) -> list[Path] | None:
             folder = wordnet_folder(cfg.path)
             return [folder / name for name in (*DATA_FILES, "lexnames")]
         if cfg.source == "quiz":
-            folder = Path(cfg.path) if cfg.path else QUIZ_FOLDER
-            return sorted(p for p in folder.iterdir() if p.is_file())
+            return sorted(p for p in quiz_folder(cfg).iterdir() if p.is_file())
         if cfg.source == "debian-faq":
-            return [Path(cfg.path) if cfg.path else FAQ_FILE]
+            return [faq_file(cfg)]
     except (DataError, OSError):
         return None
     return None
