@@ -100,6 +100,21 @@ def method_table(comparison: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def curve_table(comparison: Mapping[str, Any], columns: int = 4) -> list[str]:
+    """Mean global test accuracy over seeds at ``columns`` evenly spaced rounds after round 0
+    (the initial model), for a longer setting: where each method was when the benchmark's own
+    rounds ended, and whether it still climbed or swung at the end. Rounds are 0-based
+    indices of ``accuracy_by_round_mean`` (entry r: after round r)."""
+    curves = {name: m["accuracy_by_round_mean"] for name, m in comparison["methods"].items()}
+    last = min(len(curve) for curve in curves.values()) - 1  # rounds every seed ran
+    shown = sorted({0, *(round(last * k / columns) for k in range(1, columns + 1))})
+    head = ["method"] + [f"round {r}" for r in shown]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, curve in curves.items():
+        lines.append("| " + " | ".join([name] + [f"{curve[r]:.3f}" for r in shown]) + " |")
+    return lines
+
+
 def peaks_by_budget(clients: list[Mapping[str, Any]]) -> str:
     """``budget: peak GiB`` per distinct budget (the largest measured peak among the clients
     holding it), budgets ascending; "n/a" without measurements."""
@@ -178,6 +193,9 @@ def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | N
         lines += [f"Seeds {', '.join(map(str, comparison['seeds']))}; mean ± std over seeds; "
                   f"accuracy on the global test split after the last round.", ""]
         lines += method_table(comparison)
+        if rounds is not None:
+            lines += ["", "Mean global test accuracy over seeds by round (round 0: the "
+                      "initial model):", ""] + curve_table(comparison)
     lora = config.get("train.adapter") == "lora"
     shown = [f"`{k}` = {config[k]!r}" for k in CONFIG_SHOWN
              if k in config and (lora or not k.startswith(("lora.", "model.quantization")))

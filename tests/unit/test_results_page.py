@@ -137,6 +137,24 @@ def test_a_longer_setting_gets_its_own_section_after_the_benchmarks_own(tool, tm
     assert tool.setting("bbc-0.5") == ("bbc", "0.5", None)
 
 
+def test_a_longer_setting_shows_each_methods_mean_curve_at_evenly_spaced_rounds(tool):
+    curve = [0.1 + 0.01 * r for r in range(21)]  # 20 rounds
+    comparison = {"methods": {"a": {"accuracy_by_round_mean": curve},
+                              "b": {"accuracy_by_round_mean": curve[::-1]}}}
+    rows = tables("\n".join(tool.curve_table(comparison)))[0]
+    assert list(rows[0]) == ["method"] + [f"round {r}" for r in (0, 5, 10, 15, 20)]
+    assert [row["round 5"] for row in rows] == ["0.150", "0.250"]
+    assert rows[1]["round 20"] == "0.100"
+    # a page section of a longer setting carries it, the benchmark's own does not
+    fixture = json.loads((FIXTURE / "tiny-0.5" / "comparison.json").read_text())
+    longer = tool.section("tiny-0.5-r2", fixture, None)
+    assert "| method | round 0 | round 1 | round 2 |" in longer
+    hfedmoe = fixture["methods"]["hfedmoe"]["accuracy_by_round_mean"]
+    assert f"| hfedmoe | {hfedmoe[0]:.3f} | {hfedmoe[1]:.3f} | {hfedmoe[2]:.3f} |" in longer
+    assert not any(line.startswith("| method | round") for line in
+                   tool.section("tiny-0.5", fixture, None))
+
+
 def test_a_language_model_comparison_gets_the_lm_table(tool, tmp_path):
     """Causal-LM comparisons: perplexity, exact match, ROUGE-L, next-token accuracy and the
     clients' peak memory per budget, each from comparison.json."""
