@@ -88,4 +88,6 @@ for bench in $LM_BENCHES; do
   compare_into "$OUT/$bench" hfedmoe compare --methods "$LM_METHODS" --seeds "$LM_SEEDS" \
     --target 0.44 "${configs[@]}" --out "$OUT/$bench" "$@"
 done
-"$PYTHON" tools/results_page.py page "$OUT" --out "$PAGE"
+# --keep: the page's sections this run has no data for (a partial re-run, e.g. BENCHES=bbc)
+# stay, marked as kept from the previous page
+"$PYTHON" tools/results_page.py page "$OUT" --out "$PAGE" --keep

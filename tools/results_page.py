@@ -4,7 +4,9 @@
         writes DIR/run.json: the exact command, its wall time and the machine it ran on
     python tools/results_page.py page ROOT [--out docs/results.md]
         one section per ROOT/<bench>-<alpha>[-r<rounds>]/comparison.json (+ run.json), in
-        sorted order (a -r<rounds> folder: a longer setting, after the benchmark's own)
+        sorted order (a -r<rounds> folder: a longer setting, after the benchmark's own);
+        --keep carries over the current page's sections that ROOT has no data for, marked
+        as kept (a comparison re-run over several sittings keeps the page whole meanwhile)
 
 Every number on the page is formatted from comparison.json (mean ± std over seeds), never
 recomputed from the runs. Personalised accuracy is shown when comparison.json has it.
@@ -213,9 +215,42 @@ def _order(path: Path) -> tuple[str, int, float, str]:
         return path.parent.name, 0, 0.0, path.parent.name
 
 
-def page(root: Path, notes: Path | None = None) -> str:
+TITLE = re.compile(r"(?P<name>.+?), Dirichlet α = (?P<alpha>[0-9.]+)"
+                   r"(?:, longer: (?P<rounds>[0-9]+) rounds)?")
+KEPT_NOTE = ("*Kept from the previous page: `tools/results_page.py page --keep` found no data "
+             "for this section under the results folder.*")
+
+
+def _title_order(title: str) -> tuple[str, int, float, str]:
+    """:func:`_order`'s key recovered from a section title (a section kept from the previous
+    page has no folder); titles of another form sort by themselves."""
+    match = TITLE.fullmatch(title)
+    if match is None:
+        return title, 0, 0.0, title
+    bench = {name: key for key, name in BENCH_NAMES.items()}.get(match["name"], match["name"])
+    return bench, int(match["rounds"] or 0), -float(match["alpha"]), ""
+
+
+def page_sections(text: str) -> dict[str, list[str]]:
+    """Each "## " section of a page: its title -> its lines, title line included, up to the
+    next "## " line."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = sections.setdefault(line[3:], [])
+        if current is not None:
+            current.append(line)
+    return sections
+
+
+def page(root: Path, notes: Path | None = None, previous: str | None = None) -> str:
     """The page: one section per comparison under ``root``, then ``notes`` (Markdown written
-    by hand, e.g. docs/results_notes.md: what the figures mean, where a method loses)."""
+    by hand, e.g. docs/results_notes.md: what the figures mean, where a method loses).
+
+    With ``previous`` (the current page's text), its generated sections that ``root`` has no
+    comparison for are carried over unchanged but for a line saying so, in the same order as
+    if generated (bench, the benchmark's own rounds first, milder skew first)."""
     found = sorted(root.glob("*/comparison.json"), key=_order)
     if not found:
         raise SystemExit(f"results_page: no */comparison.json under {root}")
@@ -228,12 +263,25 @@ def page(root: Path, notes: Path | None = None) -> str:
              "split), a measure of how far a method got before late-round swings. Wall times "
              "are of a shared or idle machine as stated; compare methods by accuracy and "
              "bytes, not by seconds.", ""]
+    sections = []
     for path in found:
         run_file = path.parent / "run.json"
         run = json.loads(run_file.read_text()) if run_file.exists() else None
-        lines += section(path.parent.name, json.loads(path.read_text()), run)
-    if notes is not None and notes.is_file():  # the hand-written reading of the figures
-        lines += ["", notes.read_text().rstrip()]
+        sections.append((_order(path), section(path.parent.name, json.loads(path.read_text()),
+                                               run)))
+    notes_text = notes.read_text().rstrip() if notes is not None and notes.is_file() else ""
+    if previous:
+        made = {lines[0] for _, lines in sections} | set(notes_text.splitlines())
+        for title, block in page_sections(previous).items():
+            if "## " + title not in made:
+                while block and not block[-1]:
+                    block.pop()
+                note = [] if KEPT_NOTE in block else [KEPT_NOTE, ""]
+                sections.append((_title_order(title), block[:2] + note + block[2:] + [""]))
+    for _, block in sorted(sections, key=lambda entry: entry[0]):
+        lines += block
+    if notes_text:  # the hand-written reading of the figures
+        lines += ["", notes_text]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -264,11 +312,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="hand-written Markdown appended to the page, if the file exists")
     pg.add_argument("--force", action="store_true",
                     help="write the page even if the current one has sections not in ROOT")
+    pg.add_argument("--keep", action="store_true",
+                    help="carry over the current page's sections that ROOT has no data for")
     args = parser.parse_args(argv)
     if args.command == "record":
         record(args.directory, args.cmd, args.wall_seconds, args.add_to_previous)
     else:
-        text = page(args.root, args.notes)
+        previous = args.out.read_text() if args.keep and args.out.is_file() else None
+        text = page(args.root, args.notes, previous)
         lost = missing_sections(args.out, text)
         if lost and not args.force:
             raise SystemExit(f"results_page: {args.out} has sections that {args.root} has no "

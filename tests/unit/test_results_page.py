@@ -204,3 +204,41 @@ def test_a_page_from_partial_results_does_not_overwrite_sections_it_lacks(tool, 
     assert out.read_text() == full  # untouched
     tool.main(["page", str(root), "--out", str(out), "--notes", str(notes), "--force"])
     assert "## tiny, Dirichlet α = 0.5" not in out.read_text()
+
+
+def test_keep_carries_over_the_sections_the_folder_lacks_in_page_order(tool, tmp_path):
+    root = copy_fixture(tmp_path)
+    out, notes = tmp_path / "results.md", tmp_path / "notes.md"
+    notes.write_text("## Reading the figures\n\nhand-written\n")
+    comparison = json.loads((root / "tiny-0.5" / "comparison.json").read_text())
+    for name, alpha, rounds in (("tiny-0.1", 0.1, None), ("tiny-0.1-r20", 0.1, 20)):
+        config = {**comparison["config"], "data.dirichlet-alpha": alpha}
+        if rounds:
+            config["num-server-rounds"] = rounds
+        (root / name).mkdir()
+        (root / name / "comparison.json").write_text(json.dumps({**comparison,
+                                                                 "config": config}))
+    tool.main(["page", str(root), "--out", str(out), "--notes", str(notes)])
+    full = out.read_text()
+    sections = tool.page_sections(full)
+    # a later sitting re-ran only the longer setting, with new numbers
+    shutil.rmtree(root / "tiny-0.5")
+    shutil.rmtree(root / "tiny-0.1")
+    comparison["methods"]["hfedmoe"]["final_accuracy"]["mean"] = 0.123456
+    (root / "tiny-0.1-r20" / "comparison.json").write_text(json.dumps(
+        {**comparison, "config": {**comparison["config"], "data.dirichlet-alpha": 0.1,
+                                  "num-server-rounds": 20}}))
+    tool.main(["page", str(root), "--out", str(out), "--notes", str(notes), "--keep"])
+    kept = out.read_text()
+    titles = [line for line in kept.splitlines() if line.startswith("## ")]
+    assert titles == ["## tiny, Dirichlet α = 0.5", "## tiny, Dirichlet α = 0.1",
+                      "## tiny, Dirichlet α = 0.1, longer: 20 rounds", "## Reading the figures"]
+    now = tool.page_sections(kept)
+    for title in ("tiny, Dirichlet α = 0.5", "tiny, Dirichlet α = 0.1"):  # kept as they were
+        assert [line for line in now[title] if line] == \
+            [sections[title][0], tool.KEPT_NOTE] + [line for line in sections[title][1:] if line]
+    assert "0.123 ±" in "\n".join(now["tiny, Dirichlet α = 0.1, longer: 20 rounds"])
+    assert "0.123 ±" not in "\n".join(now["tiny, Dirichlet α = 0.1"])
+    assert kept.count("hand-written") == 1
+    tool.main(["page", str(root), "--out", str(out), "--notes", str(notes), "--keep"])
+    assert out.read_text() == kept  # kept twice: still one note per section
