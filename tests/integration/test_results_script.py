@@ -43,3 +43,14 @@ def test_results_script_writes_page_and_resumes(tmp_path):
     again = subprocess.run(script, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0 and again.stdout.count("is done") == 2
     assert (out / "tiny-0.5" / "comparison.json").stat().st_mtime_ns == before
+    # TARGET re-summarises the finished runs (FORCE=1 re-enters, nothing is re-run)
+    env_target = {**env, "FORCE": "1", "TARGET": "0.0", "LM_BENCHES": ""}
+    target = subprocess.run(script, env=env_target, capture_output=True, text=True, timeout=120)
+    assert target.returncode == 0, target.stdout[-2000:] + target.stderr[-2000:]
+    retargeted = json.loads((out / "tiny-0.5" / "comparison.json").read_text())
+    assert retargeted["target_accuracy"] == 0.0
+    assert retargeted["methods"]["fedavg"]["rounds_to_target"]["values"] == [0]
+    assert retargeted["methods"]["fedavg"]["final_accuracy"] == comparison["methods"]["fedavg"][
+        "final_accuracy"]
+    assert "round 1/1 started" in done.stdout + done.stderr  # the first call ran them
+    assert "round 1/1 started" not in target.stdout + target.stderr  # reused, not re-run
