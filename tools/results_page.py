@@ -271,7 +271,7 @@ def page(root: Path, notes: Path | None = None, previous: str | None = None) -> 
                                                run)))
     notes_text = notes.read_text().rstrip() if notes is not None and notes.is_file() else ""
     if previous:
-        made = {lines[0] for _, lines in sections} | set(notes_text.splitlines())
+        made = {block[0] for _, block in sections} | set(notes_text.splitlines())
         for title, block in page_sections(previous).items():
             if "## " + title not in made:
                 while block and not block[-1]:
