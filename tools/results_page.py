@@ -292,8 +292,7 @@ def missing_sections(current: Path, new_page: str) -> list[str]:
     if not current.is_file():
         return []
     kept = set(new_page.splitlines())
-    return [line[3:] for line in current.read_text().splitlines()
-            if line.startswith("## ") and line not in kept]
+    return [title for title in page_sections(current.read_text()) if "## " + title not in kept]
 
 
 def main(argv: list[str] | None = None) -> None:
