@@ -106,14 +106,26 @@ def curve_table(comparison: Mapping[str, Any], columns: int = 4) -> list[str]:
     """Mean global test accuracy over seeds at ``columns`` evenly spaced rounds after round 0
     (the initial model), for a longer setting: where each method was when the benchmark's own
     rounds ended, and whether it still climbed or swung at the end. Rounds are 0-based
-    indices of ``accuracy_by_round_mean`` (entry r: after round r)."""
-    curves = {name: m["accuracy_by_round_mean"] for name, m in comparison["methods"].items()}
+    indices of ``accuracy_by_round_mean`` (entry r: after round r). Where comparison.json has
+    it (hfedmoe compare since 1 Dec 2026), a last column gives ``late_accuracy_change``: each
+    seed's mean absolute round-to-round change over the second half, mean ± std over seeds
+    (a swing the mean curve averages away)."""
+    methods = comparison["methods"]
+    curves = {name: m["accuracy_by_round_mean"] for name, m in methods.items()}
     last = min(len(curve) for curve in curves.values()) - 1  # rounds every seed ran
     shown = sorted({0, *(round(last * k / columns) for k in range(1, columns + 1))})
-    head = ["method"] + [f"round {r}" for r in shown]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    swing = all("late_accuracy_change" in m for m in methods.values())
+    head = ["method"] + [f"round {r}" for r in shown] + (
+        [f"change per round, rounds {last // 2 + 1}-{last}"] if swing else [])
+    caption = "Mean global test accuracy over seeds by round (round 0: the initial model)" + (
+        "; last column: how much each seed still swings at the end, its mean absolute change "
+        "of accuracy from one round to the next over the second half of the rounds (mean ± std "
+        "over seeds)" if swing else "")
+    lines = [caption + ":", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, curve in curves.items():
-        lines.append("| " + " | ".join([name] + [f"{curve[r]:.3f}" for r in shown]) + " |")
+        row = [name] + [f"{curve[r]:.3f}" for r in shown]
+        row += [cell(methods[name]["late_accuracy_change"], missing="n/a")] if swing else []
+        lines.append("| " + " | ".join(row) + " |")
     return lines
 
 
@@ -196,8 +208,7 @@ def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | N
                   f"accuracy on the global test split after the last round.", ""]
         lines += method_table(comparison)
         if rounds is not None:
-            lines += ["", "Mean global test accuracy over seeds by round (round 0: the "
-                      "initial model):", ""] + curve_table(comparison)
+            lines += [""] + curve_table(comparison)
     lora = config.get("train.adapter") == "lora"
     shown = [f"`{k}` = {config[k]!r}" for k in CONFIG_SHOWN
              if k in config and (lora or not k.startswith(("lora.", "model.quantization")))

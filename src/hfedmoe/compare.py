@@ -3,9 +3,10 @@
 Each (method, seed) is an ordinary run (``DIR/<method>/seed-<s>/``, with all its outputs); only
 ``method`` and ``seed`` differ from the given configuration, so partitions, budgets, local
 steps and evaluation are identical across methods for a seed. Writes ``comparison.json``
-(per method: the summary fields as mean/std/values over seeds, plus ``rounds_to_target`` and
-``seconds_to_target``; ``final_personal_accuracy`` is the mean over clients of each client's
-accuracy on its own test split, the personalised view beside the global test accuracy),
+(per method: the summary fields as mean/std/values over seeds, plus ``rounds_to_target``,
+``seconds_to_target`` and ``late_accuracy_change``; ``final_personal_accuracy`` is the mean
+over clients of each client's accuracy on its own test split, the personalised view beside
+the global test accuracy),
 ``comparison.md`` (a table of the same numbers) and plots.
 """
 
@@ -25,7 +26,7 @@ from hfedmoe.report import CONFIG_FILE, INPUTS_FILE, SUMMARY_FILE
 
 SCALAR_FIELDS = ("final_accuracy", "final_personal_accuracy", "best_accuracy",
                  "rounds_to_target", "seconds_to_target", "bytes_up", "bytes_down",
-                 "wall_seconds", "trained_rounds")
+                 "wall_seconds", "trained_rounds", "late_accuracy_change")
 # causal-lm runs' summaries also have these (hfedmoe.tasks.causal_lm; accuracy is then the
 # next-token accuracy on the held-out answers)
 LM_FIELDS = ("final_perplexity", "final_personal_perplexity", "final_exact_match",
@@ -48,6 +49,20 @@ def seconds_to_target(summary: Mapping[str, Any], target: float) -> float | None
     return float(sum(s or 0.0 for s in summary["round_seconds_by_round"][: reached + 1]))
 
 
+def late_accuracy_change(summary: Mapping[str, Any]) -> float | None:
+    """How much a run still swings at its end: the mean absolute change of the global test
+    accuracy (a fraction in [0, 1]) from one round to the next over the second half of the
+    run, rounds ``R // 2 + 1 .. R`` of ``R`` (rounds 11-20 of 20). A round without an
+    accuracy (it failed) is left out with both its changes; None if no change is left or the
+    run has fewer than 2 rounds. A run that has settled scores near 0 even if it is still
+    climbing slowly; one that alternates between two models scores high."""
+    accuracy = summary["accuracy_by_round"]  # entry r: after round r (entry 0: initial model)
+    rounds = len(accuracy) - 1
+    changes = [abs(accuracy[r] - accuracy[r - 1]) for r in range(rounds // 2 + 1, rounds + 1)
+               if rounds >= 2 and accuracy[r] is not None and accuracy[r - 1] is not None]
+    return statistics.fmean(changes) if changes else None
+
+
 def _stats(values: Sequence[float | None]) -> dict[str, Any]:
     present = [float(v) for v in values if v is not None]
     return {
@@ -60,7 +75,8 @@ def _stats(values: Sequence[float | None]) -> dict[str, Any]:
 def summarise_method(summaries: Sequence[Mapping[str, Any]], target: float) -> dict[str, Any]:
     """Mean/std over seeds of one method's run summaries (pure)."""
     rows = [{**s, "rounds_to_target": rounds_to_target(s, target),
-             "seconds_to_target": seconds_to_target(s, target)} for s in summaries]
+             "seconds_to_target": seconds_to_target(s, target),
+             "late_accuracy_change": late_accuracy_change(s)} for s in summaries]
     by_round = list(zip(*(s["accuracy_by_round"] for s in summaries)))
     fields = SCALAR_FIELDS + tuple(f for f in LM_FIELDS if any(f in s for s in summaries))
     return {

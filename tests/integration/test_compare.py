@@ -5,7 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hfedmoe.compare import compare, comparison_table, rounds_to_target, seconds_to_target
+import pytest
+
+from hfedmoe.compare import (compare, comparison_table, late_accuracy_change, rounds_to_target,
+                             seconds_to_target)
 from hfedmoe.config import load_config_file, parse_run_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,6 +36,8 @@ def test_compare_writes_consistent_files(tmp_path):
             summary = json.loads((out / method / f"seed-{seed}" / "summary.json").read_text())
             finals.append(summary["final_accuracy"])
             assert rounds_to_target(summary, 0.2) == stats["rounds_to_target"]["values"][seed]
+            assert late_accuracy_change(summary) == \
+                stats["late_accuracy_change"]["values"][seed]
         assert stats["final_accuracy"]["values"] == finals
         assert abs(stats["final_accuracy"]["mean"] - sum(finals) / 2) < 1e-12
     # identical seeds -> identical partitions and budgets across methods
@@ -46,6 +51,22 @@ def test_target_helpers():
     summary = {"accuracy_by_round": [0.1, 0.5, 0.8, 0.9], "round_seconds_by_round": [0, 2, 3, 4]}
     assert rounds_to_target(summary, 0.8) == 2 and seconds_to_target(summary, 0.8) == 5.0
     assert rounds_to_target(summary, 0.95) is None and seconds_to_target(summary, 0.95) is None
+
+
+def test_late_accuracy_change_is_the_mean_swing_over_the_second_half():
+    # 4 rounds: the changes of rounds 3 and 4, |0.6 - 0.2| and |0.6 - 0.6|
+    assert late_accuracy_change({"accuracy_by_round": [0.1, 0.5, 0.2, 0.6, 0.6]}) == \
+        pytest.approx(0.2)
+    # 5 rounds, round 2 failed: round 3's change is unknown, rounds 4 and 5 count
+    assert late_accuracy_change({"accuracy_by_round": [0.1, 0.2, None, 0.5, 0.7, 0.6]}) == \
+        pytest.approx(0.15)
+    alternating = [0.2] + [0.5, 0.8] * 10  # 20 rounds, period 2
+    climbing = [0.2 + 0.03 * r for r in range(21)]
+    assert late_accuracy_change({"accuracy_by_round": alternating}) == pytest.approx(0.3)
+    assert late_accuracy_change({"accuracy_by_round": climbing}) == pytest.approx(0.03)
+    settled = [0.2] + [0.5, 0.8] * 5 + [0.8] * 10  # swings in rounds 1-10 only
+    assert late_accuracy_change({"accuracy_by_round": settled}) == 0.0
+    assert late_accuracy_change({"accuracy_by_round": [0.1, 0.5]}) is None  # one round
 
 
 def test_an_interrupted_compare_reuses_finished_runs_of_the_same_config(tmp_path):

@@ -145,6 +145,13 @@ def test_a_longer_setting_shows_each_methods_mean_curve_at_evenly_spaced_rounds(
     assert list(rows[0]) == ["method"] + [f"round {r}" for r in (0, 5, 10, 15, 20)]
     assert [row["round 5"] for row in rows] == ["0.150", "0.250"]
     assert rows[1]["round 20"] == "0.100"
+    assert len(rows[0]) == 6  # no swing column without late_accuracy_change
+    for name, values in (("a", [0.01, 0.03]), ("b", [0.1, 0.2])):
+        comparison["methods"][name]["late_accuracy_change"] = {
+            "mean": statistics.fmean(values), "std": statistics.stdev(values), "values": values}
+    rows = tables("\n".join(tool.curve_table(comparison)))[0]
+    assert [row["change per round, rounds 11-20"] for row in rows] == \
+        ["0.020 ± 0.014", "0.150 ± 0.071"]
     # a page section of a longer setting carries it, the benchmark's own does not
     fixture = json.loads((FIXTURE / "tiny-0.5" / "comparison.json").read_text())
     longer = tool.section("tiny-0.5-r2", fixture, None)
