@@ -58,8 +58,10 @@ def late_accuracy_change(summary: Mapping[str, Any]) -> float | None:
     climbing slowly; one that alternates between two models scores high."""
     accuracy = summary["accuracy_by_round"]  # entry r: after round r (entry 0: initial model)
     rounds = len(accuracy) - 1
+    if rounds < 2:
+        return None
     changes = [abs(accuracy[r] - accuracy[r - 1]) for r in range(rounds // 2 + 1, rounds + 1)
-               if rounds >= 2 and accuracy[r] is not None and accuracy[r - 1] is not None]
+               if accuracy[r] is not None and accuracy[r - 1] is not None]
     return statistics.fmean(changes) if changes else None
 
 
