@@ -6,7 +6,8 @@
         one section per ROOT/<bench>-<alpha>[-r<rounds>]/comparison.json (+ run.json), in
         sorted order (a -r<rounds> folder: a longer setting, after the benchmark's own);
         --keep carries over the current page's sections that ROOT has no data for, marked
-        as kept (a comparison re-run over several sittings keeps the page whole meanwhile)
+        as kept (a comparison re-run over several sittings keeps the page whole meanwhile);
+        after them, a summary across the classification settings (SUMMARY_TITLE)
 
 Every number on the page is formatted from comparison.json (mean ± std over seeds), never
 recomputed from the runs. Personalised accuracy is shown when comparison.json has it.
@@ -33,6 +34,11 @@ CONFIG_SHOWN = ("model.name", "num-server-rounds", "data.source", "data.num-clie
                 "train.adapter", "lora.rank", "lora.targets", "model.quantization",
                 "model.max-length", "simulation.runtime")
 MIB = 2**20
+SUMMARY_TITLE = "Summary across the settings"
+# methods whose global model is not comparable with the others' (FLEx: a shared head over the
+# frozen pretrained experts, trained beside each client's personal experts): left out of the
+# summary's "best global model" columns, kept in its personalised one
+NOT_GLOBAL = frozenset({"flex"})
 
 
 def machine() -> dict[str, Any]:
@@ -173,18 +179,74 @@ def setting(name: str) -> tuple[str, str, int | None]:
     return match["bench"], match["alpha"], int(rounds) if rounds else None
 
 
-def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | None) -> list[str]:
+def is_language_model(comparison: Mapping[str, Any]) -> bool:
+    return comparison.get("config", {}).get("task") == "causal-lm"
+
+
+def title(name: str, comparison: Mapping[str, Any]) -> str:
+    """The page section's title of the comparison in folder ``name``: the benchmark, its
+    split, and the rounds of a longer setting."""
     bench, alpha, rounds = setting(name)
     config = comparison.get("config", {})
-    language_model = config.get("task") == "causal-lm"
     alpha = config.get("data.dirichlet-alpha", alpha)
-    if language_model or config.get("data.partition", "dirichlet") != "dirichlet":
-        title = f"{BENCH_NAMES.get(bench, bench)}, {config.get('data.partition', '?')} split"
+    if is_language_model(comparison) or config.get("data.partition", "dirichlet") != "dirichlet":
+        text = f"{BENCH_NAMES.get(bench, bench)}, {config.get('data.partition', '?')} split"
     else:
-        title = f"{BENCH_NAMES.get(bench, bench)}, Dirichlet α = {alpha}"
+        text = f"{BENCH_NAMES.get(bench, bench)}, Dirichlet α = {alpha}"
     if rounds is not None:
-        title += f", longer: {config.get('num-server-rounds', rounds)} rounds"
-    lines = [f"## {title}", ""]
+        text += f", longer: {config.get('num-server-rounds', rounds)} rounds"
+    return text
+
+
+def best(methods: Mapping[str, Mapping[str, Any]], statistic: str = "final_accuracy") -> str:
+    """``name: mean ± std`` of the method with the highest mean ``statistic`` among
+    ``methods`` (the first listed on a tie), "n/a" if none has it."""
+    scored = [(m[statistic]["mean"], name) for name, m in methods.items()
+              if isinstance(m.get(statistic), Mapping) and m[statistic]["mean"] is not None]
+    if not scored:
+        return "n/a"
+    top = max(scored, key=lambda entry: entry[0])[1]  # max keeps the first of equal means
+    return f"`{top}` {cell(methods[top][statistic], missing='n/a')}"
+
+
+def summary_table(comparisons: list[tuple[str, Mapping[str, Any]]],
+                  kept: list[str] = ()) -> list[str]:
+    """One row per classification comparison (``(folder name, comparison.json)``, in page
+    order): HFedMoE's final global accuracy, the best global model among the methods that kept
+    every client within its budget and among those that did not (FedAvg over all experts,
+    FedAlign-MoE), and the best personalised accuracy; mean ± std over seeds as on the
+    setting's own section. ``kept``: titles of sections kept from a previous page, which have
+    no data here and are named below the table. Empty without a classification comparison."""
+    rows = [(name, c) for name, c in comparisons if not is_language_model(c)]
+    if not rows:
+        return []
+    head = ["setting", "`hfedmoe`", "best within the budgets", "best ignoring the budgets",
+            "best personalised"]
+    lines = [f"## {SUMMARY_TITLE}", "",
+             "Final accuracy, mean ± std over seeds, from the sections above. \"Within the "
+             "budgets\": every client of every seed kept its budget; `flex`'s global model is "
+             "not comparable with the others' and is left out of the first three columns.", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, comparison in rows:
+        methods = comparison["methods"]
+        glob = {k: m for k, m in methods.items() if k not in NOT_GLOBAL}
+        within = {k: m for k, m in glob.items() if m.get("within_budget")}
+        beyond = {k: m for k, m in glob.items() if not m.get("within_budget")}
+        hfedmoe = cell(methods["hfedmoe"]["final_accuracy"], missing="n/a") \
+            if "hfedmoe" in methods else "n/a"
+        lines.append("| " + " | ".join([title(name, comparison), hfedmoe, best(within),
+                                         best(beyond), best(methods, PERSONAL)]) + " |")
+    if kept:
+        lines += ["", "Not in this table (kept from a previous page, no data under the results "
+                  "folder): " + "; ".join(kept) + "."]
+    return lines + [""]
+
+
+def section(name: str, comparison: Mapping[str, Any], run: Mapping[str, Any] | None) -> list[str]:
+    config = comparison.get("config", {})
+    language_model = is_language_model(comparison)
+    rounds = setting(name)[2]
+    lines = [f"## {title(name, comparison)}", ""]
     if run:
         m = run["machine"]
         memory = f", {m['memory_gib']} GiB RAM" if m.get("memory_gib") else ""
@@ -274,23 +336,28 @@ def page(root: Path, notes: Path | None = None, previous: str | None = None) -> 
              "split), a measure of how far a method got before late-round swings. Wall times "
              "are of a shared or idle machine as stated; compare methods by accuracy and "
              "bytes, not by seconds.", ""]
-    sections = []
+    sections, comparisons = [], []
     for path in found:
         run_file = path.parent / "run.json"
         run = json.loads(run_file.read_text()) if run_file.exists() else None
-        sections.append((_order(path), section(path.parent.name, json.loads(path.read_text()),
-                                               run)))
+        comparison = json.loads(path.read_text())
+        comparisons.append((path.parent.name, comparison))
+        sections.append((_order(path), section(path.parent.name, comparison, run)))
     notes_text = notes.read_text().rstrip() if notes is not None and notes.is_file() else ""
-    if previous:
+    kept = []
+    if previous:  # the summary is never kept: it is remade from the data there is
         made = {block[0] for _, block in sections} | set(notes_text.splitlines())
-        for title, block in page_sections(previous).items():
-            if "## " + title not in made:
+        for heading, block in page_sections(previous).items():
+            if "## " + heading not in made and heading != SUMMARY_TITLE:
                 while block and not block[-1]:
                     block.pop()
                 note = [] if KEPT_NOTE in block else [KEPT_NOTE, ""]
-                sections.append((_title_order(title), block[:2] + note + block[2:] + [""]))
+                sections.append((_title_order(heading), block[:2] + note + block[2:] + [""]))
+                if TITLE.fullmatch(heading):  # a classification setting: one for the summary
+                    kept.append((_title_order(heading), heading))
     for _, block in sorted(sections, key=lambda entry: entry[0]):
         lines += block
+    lines += summary_table(comparisons, [heading for _, heading in sorted(kept)])
     if notes_text:  # the hand-written reading of the figures
         lines += ["", notes_text]
     return "\n".join(lines).rstrip() + "\n"
@@ -303,7 +370,8 @@ def missing_sections(current: Path, new_page: str) -> list[str]:
     if not current.is_file():
         return []
     kept = set(new_page.splitlines())
-    return [title for title in page_sections(current.read_text()) if "## " + title not in kept]
+    return [heading for heading in page_sections(current.read_text())
+            if "## " + heading not in kept and heading != SUMMARY_TITLE]
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -61,7 +61,7 @@ def copy_fixture(tmp_path: Path) -> Path:
 def test_table_matches_comparison_json(tool):
     comparison = json.loads((FIXTURE / "tiny-0.5" / "comparison.json").read_text())
     page = tool.page(FIXTURE)
-    (rows,) = tables(page)
+    rows, _summary = tables(page)
     assert [r["method"] for r in rows] == list(comparison["methods"]) == ["hfedmoe", "fedavg"]
     for row in rows:
         m = comparison["methods"][row["method"]]
@@ -89,7 +89,7 @@ def test_absent_personal_accuracy_drops_the_column_and_partial_targets_say_so(to
     path.write_text(json.dumps(comparison))
     (root / "tiny-0.5" / "run.json").unlink()
     page = tool.page(root)
-    (rows,) = tables(page)
+    rows, _summary = tables(page)
     assert list(rows[0]) == ["method", "final accuracy", "best accuracy", "rounds to 0.9",
                              "MiB uploaded", "budget respected"]
     assert rows[0]["rounds to 0.9"] == "2.0 ± 0.0 (1/2 seeds)"
@@ -132,7 +132,8 @@ def test_a_longer_setting_gets_its_own_section_after_the_benchmarks_own(tool, tm
         (root / name / "comparison.json").write_text(json.dumps({**comparison, "config": config}))
     titles = [line for line in tool.page(root).splitlines() if line.startswith("## ")]
     assert titles == ["## tiny, Dirichlet α = 0.5", "## tiny, Dirichlet α = 0.1",
-                      "## tiny, Dirichlet α = 0.1, longer: 20 rounds"]
+                      "## tiny, Dirichlet α = 0.1, longer: 20 rounds",
+                      "## " + tool.SUMMARY_TITLE]
     assert tool.setting("wordnet-0.1-r20") == ("wordnet", "0.1", 20)
     assert tool.setting("bbc-0.5") == ("bbc", "0.5", None)
 
@@ -239,7 +240,8 @@ def test_keep_carries_over_the_sections_the_folder_lacks_in_page_order(tool, tmp
     kept = out.read_text()
     titles = [line for line in kept.splitlines() if line.startswith("## ")]
     assert titles == ["## tiny, Dirichlet α = 0.5", "## tiny, Dirichlet α = 0.1",
-                      "## tiny, Dirichlet α = 0.1, longer: 20 rounds", "## Reading the figures"]
+                      "## tiny, Dirichlet α = 0.1, longer: 20 rounds",
+                      "## " + tool.SUMMARY_TITLE, "## Reading the figures"]
     now = tool.page_sections(kept)
     for title in ("tiny, Dirichlet α = 0.5", "tiny, Dirichlet α = 0.1"):  # kept as they were
         assert [line for line in now[title] if line] == \
@@ -249,3 +251,72 @@ def test_keep_carries_over_the_sections_the_folder_lacks_in_page_order(tool, tmp
     assert kept.count("hand-written") == 1
     tool.main(["page", str(root), "--out", str(out), "--notes", str(notes), "--keep"])
     assert out.read_text() == kept  # kept twice: still one note per section
+
+
+def test_the_summary_names_the_best_method_within_and_beyond_the_budgets(tool, tmp_path):
+    """One row per classification setting, in page order; each "best" cell is the method with
+    the highest mean over its own group (flex's global model left out), recomputed here from
+    the per-seed values."""
+    def stats(*values):
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values),
+                "values": list(values)}
+
+    def method(final, personal, within):
+        return {"final_accuracy": stats(*final), PERSONAL: stats(*personal),
+                "within_budget": within}
+
+    PERSONAL = tool.PERSONAL
+    first = {"config": {"data.dirichlet-alpha": 0.5}, "methods": {
+        "hfedmoe": method((0.80, 0.84), (0.70, 0.72), True),
+        "fedmoe": method((0.83, 0.85), (0.60, 0.62), True),  # best within: mean 0.84
+        "fedavg-full": method((0.90, 0.92), (0.80, 0.86), False),
+        "fedalign": method((0.89, 0.91), (0.81, 0.87), False),  # personal best: 0.84
+        "flex": method((0.95, 0.97), (0.50, 0.52), True)}}  # highest global: not comparable
+    second = {"config": {"data.dirichlet-alpha": 0.1, "num-server-rounds": 20}, "methods": {
+        "hfedmoe": method((0.5, 0.7), (0.5, 0.5), True),  # best within, 0.6
+        "fedavg-full": method((0.5, 0.6), (0.4, 0.4), False),
+        "flex": method((0.1, 0.1), (0.9, 0.7), True)}}  # personal best, 0.8
+    lm = {"config": {"task": "causal-lm"}, "methods": {"hfedmoe": method((0.4, 0.4), (0, 0),
+                                                                              True)}}
+    lines = tool.summary_table([("bbc-0.5", first), ("instruct", lm), ("bbc-0.1-r20", second)],
+                               kept=["WordNet 3.0 lexnames, Dirichlet α = 0.5"])
+    rows = tables("\n".join(lines))[0]
+    assert [row["setting"] for row in rows] == ["BBC News, Dirichlet α = 0.5",
+                                                "BBC News, Dirichlet α = 0.1, longer: 20 rounds"]
+    assert rows[0] == {"setting": "BBC News, Dirichlet α = 0.5",
+                       "`hfedmoe`": expected([0.80, 0.84]),
+                       "best within the budgets": "`fedmoe` " + expected([0.83, 0.85]),
+                       "best ignoring the budgets": "`fedavg-full` " + expected([0.90, 0.92]),
+                       "best personalised": "`fedalign` " + expected([0.81, 0.87])}
+    assert rows[1]["best within the budgets"] == "`hfedmoe` " + expected([0.5, 0.7])
+    assert rows[1]["best personalised"] == "`flex` " + expected([0.9, 0.7])
+    assert lines[-2].endswith(": WordNet 3.0 lexnames, Dirichlet α = 0.5.")
+    assert tool.summary_table([("instruct", lm)]) == []
+
+
+def test_the_page_remakes_its_summary_after_the_settings_and_never_keeps_an_old_one(tool,
+                                                                                    tmp_path):
+    root = copy_fixture(tmp_path)
+    out, notes = tmp_path / "results.md", tmp_path / "notes.md"
+    notes.write_text("## Reading the figures\n\nhand-written\n")
+    tool.main(["page", str(root), "--out", str(out), "--notes", str(notes)])
+    page = out.read_text()
+    titles = [line for line in page.splitlines() if line.startswith("## ")]
+    assert titles == ["## tiny, Dirichlet α = 0.5", "## " + tool.SUMMARY_TITLE,
+                      "## Reading the figures"]
+    comparison = json.loads((root / "tiny-0.5" / "comparison.json").read_text())
+    [summary] = [t for t in tables(page) if "setting" in t[0]]
+    assert summary[0]["`hfedmoe`"] == expected(
+        comparison["methods"]["hfedmoe"]["final_accuracy"]["values"])
+    # the setting moves to α = 0.1: the old α = 0.5 section is kept, the summary is not
+    comparison["config"]["data.dirichlet-alpha"] = 0.1
+    (root / "tiny-0.1").mkdir()
+    (root / "tiny-0.1" / "comparison.json").write_text(json.dumps(comparison))
+    shutil.rmtree(root / "tiny-0.5")
+    tool.main(["page", str(root), "--out", str(out), "--notes", str(notes), "--keep"])
+    kept = out.read_text()
+    assert kept.count("## " + tool.SUMMARY_TITLE) == 1
+    [summary] = [t for t in tables(kept) if "setting" in t[0]]
+    assert [row["setting"] for row in summary] == ["tiny, Dirichlet α = 0.1"]
+    assert "folder): tiny, Dirichlet α = 0.5." in kept
+    assert tool.KEPT_NOTE not in "\n".join(tool.page_sections(kept)[tool.SUMMARY_TITLE])
