@@ -21,7 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 BENCH_NAMES = {"bbc": "BBC News", "wordnet": "WordNet 3.0 lexnames",
                "instruct-qlora": "Instruction tuning SmolLM2-MoE on the quizzes, QLoRA clients",
@@ -199,7 +199,7 @@ def title(name: str, comparison: Mapping[str, Any]) -> str:
 
 
 def best(methods: Mapping[str, Mapping[str, Any]], statistic: str = "final_accuracy") -> str:
-    """``name: mean ± std`` of the method with the highest mean ``statistic`` among
+    """```name` mean ± std`` of the method with the highest mean ``statistic`` among
     ``methods`` (the first listed on a tie), "n/a" if none has it."""
     scored = [(m[statistic]["mean"], name) for name, m in methods.items()
               if isinstance(m.get(statistic), Mapping) and m[statistic]["mean"] is not None]
@@ -210,7 +210,7 @@ def best(methods: Mapping[str, Mapping[str, Any]], statistic: str = "final_accur
 
 
 def summary_table(comparisons: list[tuple[str, Mapping[str, Any]]],
-                  kept: list[str] = ()) -> list[str]:
+                  kept: Sequence[str] = ()) -> list[str]:
     """One row per classification comparison (``(folder name, comparison.json)``, in page
     order): HFedMoE's final global accuracy, the best global model among the methods that kept
     every client within its budget and among those that did not (FedAvg over all experts,
@@ -229,9 +229,9 @@ def summary_table(comparisons: list[tuple[str, Mapping[str, Any]]],
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, comparison in rows:
         methods = comparison["methods"]
-        glob = {k: m for k, m in methods.items() if k not in NOT_GLOBAL}
-        within = {k: m for k, m in glob.items() if m.get("within_budget")}
-        beyond = {k: m for k, m in glob.items() if not m.get("within_budget")}
+        comparable = {k: m for k, m in methods.items() if k not in NOT_GLOBAL}
+        within = {k: m for k, m in comparable.items() if m.get("within_budget")}
+        beyond = {k: m for k, m in comparable.items() if not m.get("within_budget")}
         hfedmoe = cell(methods["hfedmoe"]["final_accuracy"], missing="n/a") \
             if "hfedmoe" in methods else "n/a"
         lines.append("| " + " | ".join([title(name, comparison), hfedmoe, best(within),
