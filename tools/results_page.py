@@ -224,8 +224,10 @@ def summary_table(comparisons: list[tuple[str, Mapping[str, Any]]],
             "best personalised"]
     lines = [f"## {SUMMARY_TITLE}", "",
              "Final accuracy, mean ± std over seeds, from the sections above. \"Within the "
-             "budgets\": every client of every seed kept its budget; `flex`'s global model is "
-             "not comparable with the others' and is left out of the first three columns.", "",
+             "budgets\": every client of every seed kept its budget; "
+             + " and ".join(f"`{name}`'s" for name in sorted(NOT_GLOBAL))
+             + " global model is not comparable with the others' and is left out of the first "
+             "three columns.", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, comparison in rows:
         methods = comparison["methods"]
@@ -294,12 +296,12 @@ KEPT_NOTE = ("*Kept from the previous page: `tools/results_page.py page --keep` 
              "for this section under the results folder.*")
 
 
-def _title_order(title: str) -> tuple[str, int, float, str]:
+def _title_order(heading: str) -> tuple[str, int, float, str]:
     """:func:`_order`'s key recovered from a section title (a section kept from the previous
     page has no folder); titles of another form sort by themselves."""
-    match = TITLE.fullmatch(title)
+    match = TITLE.fullmatch(heading)
     if match is None:
-        return title, 0, 0.0, title
+        return heading, 0, 0.0, heading
     bench = {name: key for key, name in BENCH_NAMES.items()}.get(match["name"], match["name"])
     return bench, int(match["rounds"] or 0), -float(match["alpha"]), ""
 
@@ -352,9 +354,10 @@ def page(root: Path, notes: Path | None = None, previous: str | None = None) -> 
                 while block and not block[-1]:
                     block.pop()
                 note = [] if KEPT_NOTE in block else [KEPT_NOTE, ""]
-                sections.append((_title_order(heading), block[:2] + note + block[2:] + [""]))
+                order = _title_order(heading)
+                sections.append((order, block[:2] + note + block[2:] + [""]))
                 if TITLE.fullmatch(heading):  # a classification setting: one for the summary
-                    kept.append((_title_order(heading), heading))
+                    kept.append((order, heading))
     for _, block in sorted(sections, key=lambda entry: entry[0]):
         lines += block
     lines += summary_table(comparisons, [heading for _, heading in sorted(kept)])

@@ -253,7 +253,7 @@ def test_keep_carries_over_the_sections_the_folder_lacks_in_page_order(tool, tmp
     assert out.read_text() == kept  # kept twice: still one note per section
 
 
-def test_the_summary_names_the_best_method_within_and_beyond_the_budgets(tool, tmp_path):
+def test_the_summary_names_the_best_method_within_and_beyond_the_budgets(tool):
     """One row per classification setting, in page order; each "best" cell is the method with
     the highest mean over its own group (flex's global model left out), recomputed here from
     the per-seed values."""
@@ -262,10 +262,9 @@ def test_the_summary_names_the_best_method_within_and_beyond_the_budgets(tool, t
                 "values": list(values)}
 
     def method(final, personal, within):
-        return {"final_accuracy": stats(*final), PERSONAL: stats(*personal),
+        return {"final_accuracy": stats(*final), tool.PERSONAL: stats(*personal),
                 "within_budget": within}
 
-    PERSONAL = tool.PERSONAL
     first = {"config": {"data.dirichlet-alpha": 0.5}, "methods": {
         "hfedmoe": method((0.80, 0.84), (0.70, 0.72), True),
         "fedmoe": method((0.83, 0.85), (0.60, 0.62), True),  # best within: mean 0.84
