@@ -334,6 +334,7 @@ class FedAlignConfig:
     divergence: str  # "kl" | "js" of the routing regulariser (hfedmoe.alignment)
     routing_weight: float  # weight of the regulariser in the local loss (0: off)
     consistency_beta: float  # adaptive threshold mean - beta * std of expert similarities
+    consistency_floor: float  # a holder whose mean cosine kappa_c >= floor is always kept
 
     def __post_init__(self) -> None:
         _choice("fedalign.divergence", self.divergence, DIVERGENCES)
@@ -341,6 +342,8 @@ class FedAlignConfig:
                  "fedalign.routing-weight", self.routing_weight, "a finite number >= 0")
         _require(self.consistency_beta >= 0 and math.isfinite(self.consistency_beta),
                  "fedalign.consistency-beta", self.consistency_beta, "a finite number >= 0")
+        _require(-1 <= self.consistency_floor <= 1, "fedalign.consistency-floor",
+                 self.consistency_floor, "a number in [-1, 1]")
 
 
 @dataclass(frozen=True)

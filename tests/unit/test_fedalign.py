@@ -2,6 +2,7 @@
 each against an independent re-computation or a known method."""
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -215,6 +216,33 @@ def test_threshold_hand_computed_and_degenerate_cases():
         alignment.consistent_holders(sim, -1.0)
 
 
+def test_the_floor_keeps_an_agreeing_copy_the_relative_threshold_leaves_out():
+    # u, u, u and v with cos(u, v) = 0.5: kappa_u = (1 + 1 + 0.5) / 3 = 5/6, kappa_v = 0.5;
+    # pairs 1, 1, 1, 0.5, 0.5, 0.5: mean 0.75, std 0.25, tau(beta 0.5) = 0.625 > kappa_v
+    sim = torch.full((4, 4), 1.0)
+    sim[3, :3] = sim[:3, 3] = 0.5
+    assert alignment.consistent_holders(sim, 0.5).tolist() == [True, True, True, False]
+    assert alignment.consistent_holders(sim, 0.5, floor=1.0).tolist() == [True] * 3 + [False]
+    assert alignment.consistent_holders(sim, 0.5, floor=0.5).tolist() == [True] * 4
+    assert alignment.consistent_holders(sim, 0.5, floor=0.51).tolist() == [True] * 3 + [False]
+    # a copy pointing away (kappa -1) stays out under a floor of 0
+    flipped = torch.tensor([[1.0, 1, 1, -1], [1, 1, 1, -1], [1, 1, 1, -1], [-1, -1, -1, 1]])
+    assert alignment.consistent_holders(flipped, 0.5, floor=0.0).tolist() == [True] * 3 + [False]
+    with pytest.raises(ValueError, match="floor"):
+        alignment.consistent_holders(sim, 0.5, floor=1.5)
+    # through the configuration to the server's aggregation: directions with those cosines
+    u, v = torch.tensor([1.0, 0.0]), torch.tensor([0.5, math.sqrt(3) / 2])  # cos(u, v) = 0.5
+    global_state = {"expert.0.0.w": torch.zeros(2)}
+    updates = [ClientUpdate(c, 10, {"expert.0.0.w": d}, torch.ones(1, 1), {})
+               for c, d in enumerate([u, u, u, v])]
+    for floor, excluded, expected in ((1.0, [[0, 0, 3]], u), (0.0, [], (3 * u + v) / 4)):
+        method = method_for(parse_run_config({"method": "fedalign-no-reg",
+                                              "fedalign.consistency-floor": floor}))
+        new, diagnostics = replace(method, gate=False).aggregate(global_state, updates)
+        assert diagnostics["excluded"] == excluded
+        assert torch.allclose(new["expert.0.0.w"], expected, atol=1e-6)
+
+
 def test_an_expert_without_holders_keeps_its_value():
     global_state, updates = _federation()
     nobody = {u.client_id: torch.zeros(L, S, dtype=torch.bool) for u in updates}
@@ -249,7 +277,6 @@ def test_hfedmoe_align_with_every_mechanism_off_is_hfedmoe():
                 del u.state[key]
     config = parse_run_config({"method": "hfedmoe-align"})
     align = method_for(config)
-    from dataclasses import replace
     off = replace(align, gate=False, consistency=False, routing_weight=0.0)
     hfedmoe = method_for(parse_run_config({"method": "hfedmoe"}))
     ours, _ = off.aggregate(global_state, updates)
@@ -283,4 +310,6 @@ def test_configuration_checks():
         parse_run_config({"fedalign.routing-weight": -0.1})
     with pytest.raises(ConfigError, match="fedalign.consistency-beta"):
         parse_run_config({"fedalign.consistency-beta": float("nan")})
+    with pytest.raises(ConfigError, match="fedalign.consistency-floor"):
+        parse_run_config({"fedalign.consistency-floor": -1.5})
     parse_run_config({"method": "fedalign", "robust.aggregation": "clip"})  # allowed

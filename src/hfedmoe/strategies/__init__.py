@@ -61,7 +61,8 @@ def method_for(config: RunConfig) -> Method:
     }
     a = config.fedalign
     fedalign = FedAlignMethod(divergence=a.divergence, routing_weight=a.routing_weight,
-                              consistency_beta=a.consistency_beta)
+                              consistency_beta=a.consistency_beta,
+                              consistency_floor=a.consistency_floor)
     for name, base in (("fedalign", fedalign),
                        ("hfedmoe-align", replace(fedalign, name="hfedmoe-align",
                                                  budgeted=hfedmoe))):

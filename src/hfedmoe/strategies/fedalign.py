@@ -11,7 +11,8 @@ docs/fedalign.md):
     round 1, so round 1 trains without the term);
 (c) each expert averaged over its semantically consistent holders only (cosine of update
     directions, adaptive threshold mean - ``fedalign.consistency-beta`` * std;
-    ``fedalign.consistency``). An expert none of whose holders is kept keeps its value.
+    ``fedalign.consistency``; our optional floor ``fedalign.consistency-floor`` above which a
+    holder is always kept, off at 1.0). An expert none of whose holders is kept keeps its value.
 
 ``fedalign``: every client trains every routed expert (FedAlign-MoE has no budgets, like
 fedavg: budgets are reported but not kept) and uploads all its trainables; an expert's holders
@@ -68,6 +69,7 @@ class FedAlignMethod:
     gate: bool = True  # fedalign.gate: per-expert routing-consistency gate (a)
     consistency: bool = True  # fedalign.consistency: consistent holders only (c)
     consistency_beta: float = 0.5  # fedalign.consistency-beta
+    consistency_floor: float = 1.0  # fedalign.consistency-floor; 1.0: the paper's rule alone
     budgeted: HFedMoEMethod | None = None  # hfedmoe-align: HFedMoE's client side
 
     # --- client side ---------------------------------------------------------------
@@ -121,7 +123,8 @@ class FedAlignMethod:
         if self.consistency or self.budgeted is None:
             step = self.budgeted.expert_step if self.budgeted is not None else "holders"
             expert_state, diagnostics = aggregate_consistent_experts(
-                experts, trained, holders, self.consistency_beta, self.consistency, step)
+                experts, trained, holders, self.consistency_beta, self.consistency, step,
+                floor=self.consistency_floor)
         else:  # hfedmoe-align without (c): HFedMoE's Eq. 17 exactly
             expert_state, diagnostics = _hfedmoe_experts(self.budgeted, experts, trained)
         routers = split_kind(global_state, ROUTER)
