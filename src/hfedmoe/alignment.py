@@ -227,8 +227,8 @@ def aggregate_consistent_experts(global_state: Mapping[str, torch.Tensor],
     ``holders[c]``: (L, S) bool, the experts client c may contribute (it trained them; for
     hfedmoe-align also in its dominant set S_c); a holder must have uploaded every tensor of
     the expert. ``beta``, ``floor``: :func:`consistent_holders`. ``consistency`` False: every
-    holder is kept (the ablation). An expert with no
-    holder, or none kept, keeps its global value. Non-expert keys are returned unchanged.
+    holder is kept (the ablation). An expert with no holder, or none kept, keeps its global
+    value. Non-expert keys are returned unchanged.
     ``step = "data-share"`` (hfedmoe-align with ``hfedmoe.expert-step = "data-share"``): the
     expert moves from its global value towards that mean only by the kept holders' share of
     the round's examples, as hfedmoe.aggregation.aggregate_experts does for HFedMoE.
