@@ -217,15 +217,21 @@ def calibration_of(report: BenchReport, meta: dict) -> Calibration:
 
 
 def format_profiles(calibration: Calibration, min_budget: int) -> str:
-    """The budget each preset device profile gets under ``calibration`` (one line)."""
+    """The budget each preset device profile gets under ``calibration`` (one line). A slow
+    profile (speed s < 1) that no budget lets step within s times full training's time gets
+    the smallest budget (hfedmoe.calibration) and is marked so: its rounds will be slower
+    than the reference device's."""
     parts = []
     for name, profile in PRESETS.items():
+        speed = profile.relative_speed
         try:
-            budget = str(calibration.budget_for(profile.memory_bytes, profile.relative_speed,
-                                                min_budget, name))
+            budget = calibration.budget_for(profile.memory_bytes, speed, min_budget, name)
         except CalibrationError:
-            budget = "does not fit"
-        parts.append(f"{name} (speed {profile.relative_speed:g}) -> {budget}")
+            parts.append(f"{name} (speed {speed:g}) -> does not fit")
+            continue
+        too_slow = speed < 1.0 and calibration.step_time_ratio(budget) > speed + 1e-9
+        parts.append(f"{name} (speed {speed:g}) -> {budget}"
+                     + (" (smallest: no budget steps that fast)" if too_slow else ""))
     return "budgets of the device profiles with this calibration: " + ", ".join(parts)
 
 

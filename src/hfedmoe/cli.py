@@ -154,6 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_use(args)
     from hfedmoe.data import DataError
     from hfedmoe.model import ModelNotFoundError, UnsupportedModelError
+    from hfedmoe.progress import plural
     from hfedmoe.report import nothing_learned_reason
 
     try:
@@ -175,8 +176,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     language = (f", perplexity {summary['final_perplexity']:.2f}"
                 if summary.get("final_perplexity") is not None else "")
     print(f"final accuracy {summary['final_accuracy']:.4f} (best {summary['best_accuracy']:.4f})"
-          f"{language} after {summary['rounds']} rounds in {summary['wall_seconds']:.0f} s; "
-          f"outputs in {config.out}")
+          f"{language} after {plural(summary['rounds'], 'round')} in "
+          f"{summary['wall_seconds']:.0f} s; outputs in {config.out}")
     return 0
 
 

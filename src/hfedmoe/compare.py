@@ -109,17 +109,19 @@ def comparison_table(comparison: Mapping[str, Any]) -> str:
         f"Target accuracy: {comparison['target_accuracy']}; seeds: {comparison['seeds']}; "
         "mean ± std over seeds.",
         "",
-        "| method | final acc | personal acc | best acc | rounds to target | s to target "
-        "| MiB up | MiB down | within budget |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | final acc | personal acc | best acc | late change | rounds to target "
+        "| s to target | MiB up | MiB down | within budget |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     if any("final_perplexity" in m for m in comparison["methods"].values()):
         return _lm_table(comparison, lines[0])
+    none = {"mean": None}  # a field that comparisons written by older versions lack
     for name, m in comparison["methods"].items():
-        personal = m.get("final_personal_accuracy", {"mean": None})
+        personal = m.get("final_personal_accuracy", none)
         lines.append(
             f"| {name} | {_cell(m['final_accuracy'])} | {_cell(personal, missing='n/a')} "
             f"| {_cell(m['best_accuracy'])} "
+            f"| {_cell(m.get('late_accuracy_change', none), missing='n/a')} "
             f"| {_cell(m['rounds_to_target'], digits=1)} | {_cell(m['seconds_to_target'], digits=0)} "
             f"| {_cell(m['bytes_up'], 2**20, 1)} | {_cell(m['bytes_down'], 2**20, 1)} "
             f"| {'yes' if m['within_budget'] else 'no'} |")

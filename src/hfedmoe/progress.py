@@ -38,14 +38,17 @@ class ProgressDisplay:
                  traceback: TracebackType | None) -> None:
         self.close()
 
-    def start(self, num_rounds: int, num_clients: int, sampled: int | None = None) -> None:
+    def start(self, num_rounds: int, num_clients: int, sampled: int | None = None,
+              name: str = "") -> None:
         """Announce a run of ``num_rounds`` training rounds over ``num_clients`` clients, of
-        which ``sampled`` (default: all) are sampled each round (train.fraction-train)."""
+        which ``sampled`` (default: all) are sampled each round (train.fraction-train);
+        ``name`` (e.g. ``"hfedmoe, seed 0"``) tells the runs of a comparison apart."""
         self._num_rounds, self._num_clients = num_rounds, num_clients
         sampled = num_clients if sampled is None else sampled
-        who = (f"{num_clients} clients per round" if sampled >= num_clients
-               else f"{sampled} of {num_clients} clients sampled per round")
-        self._emit(f"hfedmoe: {num_rounds} rounds, {who}", "bold")
+        who = (f"{plural(num_clients, 'client')} per round" if sampled >= num_clients
+               else f"{sampled} of {plural(num_clients, 'client')} sampled per round")
+        self._emit(f"hfedmoe: {name + ': ' if name else ''}{plural(num_rounds, 'round')}, {who}",
+                   "bold")
 
     def round_started(self, round: int, num_sampled: int | None = None) -> None:
         """A training round begins, sent to ``num_sampled`` clients (default: the number given
@@ -135,6 +138,11 @@ def format_round_line(record: Mapping[str, Any], num_rounds: int) -> str:
               f"{_number(record.get('round_seconds'), '.1f')} s",
               f"elapsed {_number(record.get('elapsed_seconds'), '.1f')} s"]
     return f"{head}: " + ", ".join(parts)
+
+
+def plural(count: int, noun: str) -> str:
+    """``"1 round"``, ``"5 rounds"``: ``count`` and ``noun``, with an ``s`` unless count is 1."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def format_bytes(count: Any) -> str:

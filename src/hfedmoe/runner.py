@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Iterator
 
 from hfedmoe.config import RunConfig
 
@@ -46,6 +47,26 @@ def prepare_environment(verbose: bool = False) -> None:
     from flwr.common.logger import update_console_handler
 
     update_console_handler(level=logging.INFO if verbose else logging.WARNING)
+
+
+class _DropRunSimulationDeprecation(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+@contextmanager
+def run_simulation_deprecation_quiet() -> Iterator[None]:
+    """Drop the one warning Flower logs on every ``flwr.simulation.run_simulation`` call (that
+    it is deprecated in favour of ``flwr run``): ``simulation.runtime = "ray"`` calls it on
+    purpose, and ``flwr run`` is supported beside it (README, "Runtimes"). Every other record of
+    Flower's logger passes; ``--verbose`` shows Flower's INFO log as before."""
+    flower = logging.getLogger("flwr")
+    quiet = _DropRunSimulationDeprecation()
+    flower.addFilter(quiet)
+    try:
+        yield
+    finally:
+        flower.removeFilter(quiet)
 
 
 def run_experiment(config: RunConfig, verbose: bool = False,
@@ -92,7 +113,8 @@ def _run_ray(config: RunConfig, prepared: PreparedRun) -> dict:
 
     summary_file = Path(config.out) / "summary.json"  # a resumed run's is stale
     summary_file.unlink(missing_ok=True)
-    with addressed_nodes_only():  # Flower's engine asks only nodes with a waiting message
+    # Flower's engine asks only nodes with a waiting message
+    with addressed_nodes_only(), run_simulation_deprecation_quiet():
         run_simulation(
             server_app=make_server_app(config.to_flat(), prepared),
             client_app=client_app,

@@ -80,7 +80,11 @@ def run_use(args: argparse.Namespace) -> int:
                 raise ValueError(f"--max-new-tokens {args.max_new_tokens}: expected >= 1")
             if (folder / "hfedmoe-model.json").is_file():
                 raise ValueError(f"'{folder}' is a classifier; use hfedmoe predict")
-            print(generate_answer(folder, args.prompt, args.max_new_tokens))
+            answer = generate_answer(folder, args.prompt, args.max_new_tokens)
+            print(answer)
+            if not answer:  # an empty line alone looks like a failure
+                print("hfedmoe: note: the greedy answer is empty (the model ended it at once, "
+                      "or wrote only special tokens)", file=sys.stderr)
         else:
             print(predict_label(folder, args.text))
     except (OSError, ValueError, RuntimeError) as exc:

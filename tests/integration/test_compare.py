@@ -69,6 +69,29 @@ def test_late_accuracy_change_is_the_mean_swing_over_the_second_half():
     assert late_accuracy_change({"accuracy_by_round": [0.1, 0.5]}) is None  # one round
 
 
+def test_the_comparison_table_shows_how_much_each_method_still_swings():
+    """comparison.md carries late_accuracy_change beside the accuracies (mean ± std over
+    seeds, "n/a" where a run was too short), also for a comparison.json from before the field."""
+    def method(late):
+        stat = {"mean": 0.5, "std": 0.0, "values": [0.5, 0.5]}
+        never = {"mean": None, "std": None, "values": [None, None]}
+        m = {"final_accuracy": stat, "best_accuracy": stat, "rounds_to_target": never,
+             "seconds_to_target": never, "bytes_up": stat, "bytes_down": stat,
+             "within_budget": True}
+        return m if late is None else {**m, "late_accuracy_change": late}
+    table = comparison_table({"target_accuracy": 0.9, "seeds": [0, 1], "methods": {
+        "swinging": method({"mean": 0.15, "std": 0.05, "values": [0.1, 0.2]}),
+        "one-round": method({"mean": None, "std": None, "values": [None, None]}),
+        "old": method(None)}})
+    header = [cell.strip() for cell in table.splitlines()[2].split("|")]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")]
+            for line in table.splitlines()[4:]}
+    column = header.index("late change")
+    assert rows["swinging"][column] == "0.150 ± 0.050"
+    assert rows["one-round"][column] == rows["old"][column] == "n/a"
+    assert all(len(row) == len(header) for row in rows.values())
+
+
 def test_an_interrupted_compare_reuses_finished_runs_of_the_same_config(tmp_path):
     from hfedmoe.runner import run_experiment
 

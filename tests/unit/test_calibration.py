@@ -140,3 +140,19 @@ def test_a_calibration_of_full_training_does_not_fit_a_lora_run():
     assert training_setup(parse_run_config({"train.adapter": "lora", "lora.rank": 8,
                                             "model.quantization": "nf4"})) == lora_nf4
     assert training_setup(parse_run_config({"lora.rank": 4})) == SETUP_DEFAULTS
+
+
+def test_bench_names_the_profiles_that_no_budget_makes_fast_enough():
+    """`hfedmoe bench step`'s last line: a slow profile that gets the smallest budget because
+    no measured budget steps within its speed says so; one that fits by time does not."""
+    from hfedmoe.bench import format_profiles
+
+    line = format_profiles(calibration(), min_budget=2)  # 0.84x at 6 experts and below
+    assert "phone (speed 0.25) -> 2 (smallest: no budget steps that fast)" in line
+    assert "laptop (speed 0.5) -> 2 (smallest: no budget steps that fast)" in line
+    assert "workstation (speed 1) -> 48," in line  # fits by memory, no time limit
+    fast = calibration(((6, 0.2, 100), (12, 0.45, 120), (48, 1.0, 200)))
+    line = format_profiles(fast, min_budget=2)
+    # by hand: 0.2 + 0.25 * (7 - 6) / 6 = 0.242 <= 0.25 < 0.283 at 8 experts;
+    # 0.45 + 0.55 * (15 - 12) / 36 = 0.496 <= 0.5 < 0.511 at 16
+    assert "phone (speed 0.25) -> 7, laptop (speed 0.5) -> 15, workstation" in line

@@ -118,3 +118,30 @@ def test_connection_entry_is_what_flwr_reads(tmp_path):
 ])
 def test_the_operator_dials_the_superlink_where_it_listens(host, expected):
     assert deploy.dial_address(host, 9093) == expected
+
+
+def test_the_app_bundle_holds_the_code_not_the_results(tmp_path):
+    """`flwr run .` bundles the app with Flower's own builder (10 MiB limit). A results folder
+    full of run outputs (what `make results` leaves; results/.gitignore, which Flower does not
+    read, keeps them out of git) must not go in, nor docs or tests; the app's code must."""
+    import io
+    import shutil
+    import subprocess
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    root = Path(__file__).resolve().parents[2]
+    app = tmp_path / "app"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True,
+                             check=True).stdout.decode().split("\0")
+    for name in filter(None, tracked):
+        (app / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(root / name, app / name)
+    outputs = app / "results" / "bbc-0.5" / "hfedmoe" / "seed-0"
+    outputs.mkdir(parents=True, exist_ok=True)
+    (outputs / "metrics.jsonl").write_bytes(b"{}\n" * (4 * 2**20))  # 12 MiB of run records
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    assert "src/hfedmoe/federation/server_app.py" in names
+    assert "src/hfedmoe/defaults.toml" in names and "pyproject.toml" in names
+    assert not [n for n in names if n.split("/")[0] in ("results", "docs", "tests", "tools")]

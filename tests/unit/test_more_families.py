@@ -108,5 +108,12 @@ def test_families_whose_layout_differs_are_refused_in_one_line(family, why):
 
 def test_an_unknown_model_type_is_refused_in_one_line():
     config = parse_run_config({"model.name": "tiny:no_such_family"})
-    with pytest.raises(UnsupportedModelError, match="'no_such_family' is not supported"):
+    with pytest.raises(UnsupportedModelError, match="'no_such_family' is not supported") as info:
         task_for("classification").build_adapter(config.model, 3, seed=0)
+    message = str(info.value)  # names what the user may pick instead, the built-ins included
+    assert "\n" not in message and "qwen2_moe" in message
+    assert "'minilm-moe'" in message and "'smollm2-moe'" in message
+    assert "did you mean" not in message  # nothing close to suggest
+    typo = parse_run_config({"model.name": "tiny:qwen2moe"})
+    with pytest.raises(UnsupportedModelError, match="did you mean 'qwen2_moe'\\?"):
+        task_for("classification").build_adapter(typo.model, 3, seed=0)

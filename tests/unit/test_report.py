@@ -267,6 +267,14 @@ def test_progress_display_counts_the_sampled_clients_of_a_round():
     ]
 
 
+def test_progress_header_names_the_run_and_counts_in_the_singular_when_one():
+    """A comparison's runs print one after another: the header says which method and seed."""
+    stream = io.StringIO()
+    with ProgressDisplay(stream) as display:
+        display.start(num_rounds=1, num_clients=1, name="fedalign, seed 2")
+    assert stream.getvalue().splitlines() == ["hfedmoe: fedalign, seed 2: 1 round, 1 client per round"]
+
+
 def test_progress_display_styles_a_terminal_and_survives_broken_streams():
     class Terminal(io.StringIO):
         def isatty(self):

@@ -86,3 +86,28 @@ def test_the_replacement_holds_inside_the_block_only():
         assert replaced is True
         assert vce_api.add_messages_to_queue is add_addressed_messages_to_queue
     assert vce_api.add_messages_to_queue is original
+
+
+def test_only_flowers_run_simulation_deprecation_is_dropped(caplog):
+    """The Ray runtime calls Flower's run_simulation on purpose; the warning Flower logs on
+    every call is dropped, every other Flower warning passes, and nothing is dropped after."""
+    import inspect
+    import logging
+
+    from flwr.common.logger import log, warn_deprecated_feature
+    from flwr.simulation import run_simulation
+
+    from hfedmoe.runner import run_simulation_deprecation_quiet
+
+    # the text the filter keys on is the one Flower's run_simulation logs
+    source = " ".join(inspect.getsource(run_simulation).split())
+    assert "warn_deprecated_feature( \"The `run_simulation` function is deprecated" in source
+    text = "The `run_simulation` function is deprecated and will be removed"
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        with run_simulation_deprecation_quiet():
+            warn_deprecated_feature(text)
+            log(logging.WARNING, "a node was lost")
+        warn_deprecated_feature(text)
+    messages = [record.getMessage() for record in caplog.records]
+    assert sum("`run_simulation` function is deprecated" in m for m in messages) == 1
+    assert "a node was lost" in messages

@@ -107,7 +107,8 @@ def run_server(grid: Grid, config: RunConfig, prepared: PreparedRun | None = Non
     with ProgressDisplay() as display:
         clients = config.data.num_clients
         display.start(config.num_server_rounds, clients,
-                      sample_size(config.train.fraction_train, clients))
+                      sample_size(config.train.fraction_train, clients),
+                      name=f"{config.method}, seed {config.seed}")
         book = RoundBook(recorder, display)
         book.resume_after(earlier_seconds)
         server = None  # split learning's server side: its optimizers go into checkpoints

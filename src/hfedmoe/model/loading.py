@@ -18,6 +18,7 @@ in eval mode on ``model.device``.
 from __future__ import annotations
 
 import copy
+import difflib
 import functools
 from contextlib import contextmanager
 from pathlib import Path
@@ -85,10 +86,16 @@ TESTED_STRUCTURAL_FAMILIES = ("granitemoe", "granitemoeshared", "phimoe", "qwen3
 
 def unsupported(family: str, reason: str) -> UnsupportedModelError:
     """The one-line error for a model of ``family`` that hfedmoe cannot convert."""
+    from hfedmoe.model.smollm2 import SMOLLM2_MOE
+
+    known = SUPPORTED_FAMILIES + TESTED_STRUCTURAL_FAMILIES
+    hint = difflib.get_close_matches(family, known, n=1) if family not in known else []
+    suggestion = f"; did you mean '{hint[0]}'?" if hint else ""
     return UnsupportedModelError(
-        f"model_type '{family}' is not supported: {reason}; supported families: "
-        f"{', '.join(SUPPORTED_FAMILIES + TESTED_STRUCTURAL_FAMILIES)}, or any transformers "
-        f"family with the standard fused MoE block (or '{MINILM_MOE}')")
+        f"model_type '{family}' is not supported: {reason}{suggestion}; supported families: "
+        f"{', '.join(known)}, or any transformers "
+        f"family with the standard fused MoE block (or the built-in '{MINILM_MOE}' and "
+        f"'{SMOLLM2_MOE}')")
 
 
 def converted(spec: FamilySpec, backbone: nn.Module, family: str
