@@ -229,9 +229,9 @@ def format_profiles(calibration: Calibration, min_budget: int) -> str:
         except CalibrationError:
             parts.append(f"{name} (speed {speed:g}) -> does not fit")
             continue
-        too_slow = speed < 1.0 and calibration.step_time_ratio(budget) > speed + 1e-9
         parts.append(f"{name} (speed {speed:g}) -> {budget}"
-                     + (" (smallest: no budget steps that fast)" if too_slow else ""))
+                     + ("" if calibration.fast_enough(budget, speed)
+                        else " (smallest: no budget steps that fast)"))
     return "budgets of the device profiles with this calibration: " + ", ".join(parts)
 
 

@@ -138,6 +138,12 @@ class Calibration:
                 return v0 + (v1 - v0) * (budget - b0) / (b1 - b0)
         return envelope[-1]
 
+    def fast_enough(self, budget: int, relative_speed: float) -> bool:
+        """Whether a device at ``relative_speed`` (1 = the reference) steps at ``budget`` within
+        its share of full training's time: measured step-time ratio <= speed (always at
+        speed >= 1)."""
+        return relative_speed >= 1.0 or self.step_time_ratio(budget) <= relative_speed + 1e-9
+
     def budget_for(self, memory_bytes: int, relative_speed: float, min_budget: int,
                    name: str = "device") -> int:
         """C_budget of a device (module docstring): its measured peak plus
@@ -150,9 +156,7 @@ class Calibration:
                 f"device profile '{name}' has {memory_bytes} bytes but training {min_budget} "
                 f"expert(s) measured {self.peak_memory_bytes(min_budget)} bytes at peak "
                 f"(+{MEMORY_HEADROOM:.0%} headroom; calibration of {self.model})")
-        if relative_speed >= 1.0:  # the reference device affords full training's time
-            return max(fits)
-        by_time = [c for c in fits if self.step_time_ratio(c) <= relative_speed + 1e-9]
+        by_time = [c for c in fits if self.fast_enough(c, relative_speed)]
         return max(by_time) if by_time else min(fits)
 
     def check_fits(self, model_fingerprint: str, batch_size: int, max_length: int,
